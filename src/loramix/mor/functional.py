@@ -1,0 +1,79 @@
+"""The MoR mixture as one function (DESIGN.md §2, "the efficient form").
+
+Because A and B are shared by the experts, the mixture of N rank-r experts is one LoRA of rank N·r::
+
+    z      = A x                                      # (T, r)
+    G      = softmax(W_r x)                           # (T, N), in float32
+    Y[i,k] = G_i · Ω_A[i,k] · z[k]                    # (T, N·r)
+    B_eff[(i,k), o] = Ω_B[i,o] · B[o,k]               # (N·r, d_out), once per call
+    Δo     = scaling · Y B_eff
+
+No Python loop over experts and no (T, N, d_out) tensor: the cost is that of a rank-N·r LoRA plus
+the router. The float64 loop over experts it must equal lives in ``tests/mor/reference.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def router_probs(x: torch.Tensor, router_weight: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """Per-token router weights ``G(x)`` of shape ``(..., N)``, always float32.
+
+    ``router_weight is None`` is the paper's "mean" router: uniform 1/N, not learnable.
+    The logits are computed in the input's dtype (as autocast would) and the softmax in float32,
+    so low-precision training cannot saturate or NaN the router.
+    """
+    if router_weight is None:
+        return x.new_full((*x.shape[:-1], num_experts), 1.0 / num_experts, dtype=torch.float32)
+    logits = F.linear(x, router_weight)
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def mor_delta(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    omega_A: torch.Tensor,
+    omega_B: torch.Tensor,
+    probs: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The MoR update ``Δo = scaling · Σ_i G_i · Ω_B[i] ⊙ B(Ω_A[i] ⊙ A x)`` in the rank-(N·r) form.
+
+    Args:
+        x: LoRA input (after dropout), ``(..., d_in)``.
+        lora_A: ``(r, d_in)``. lora_B: ``(d_out, r)``.
+        omega_A: ``(N, r)``. omega_B: ``(N, d_out)``.
+        probs: router weights ``(..., N)`` from :func:`router_probs`.
+        scaling: ``lora_alpha / r``.
+
+    Returns:
+        ``(..., d_out)`` in the dtype of ``x`` @ ``lora_A`` (the autocast dtype under autocast).
+    """
+    num_experts, rank = omega_A.shape
+    z = F.linear(x, lora_A)  # (..., r)
+    gate = probs.to(z.dtype).unsqueeze(-1) * omega_A.to(z.dtype)  # (..., N, r)
+    y = (gate * z.unsqueeze(-2)).flatten(-2)  # (..., N·r)
+    # B_eff[(i,k), o] = Ω_B[i,o] · B[o,k]; F.linear wants (out, in) = (d_out, N·r).
+    b_eff = (omega_B.unsqueeze(-1) * lora_B.unsqueeze(0)).transpose(0, 1).reshape(lora_B.shape[0], num_experts * rank)
+    return F.linear(y, b_eff) * scaling
+
+
+def mor_delta_weight(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    omega_A: torch.Tensor,
+    omega_B: torch.Tensor,
+    expert_weights: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The fixed ``ΔW = scaling · Σ_i g_i diag(Ω_B[i]) B diag(Ω_A[i]) A`` for input-independent weights ``g``.
+
+    Only meaningful when G does not depend on x (``num_experts == 1`` or the mean router); that is
+    what makes merging exact. Returns ``(d_out, d_in)``.
+    """
+    # Σ_i g_i Ω_B[i,o] Ω_A[i,k] is an (d_out, r) matrix C; ΔW = (C ⊙ B) A.
+    mix = torch.einsum("i,io,ik->ok", expert_weights.to(omega_A.dtype), omega_B, omega_A)
+    return (mix * lora_B) @ lora_A * scaling

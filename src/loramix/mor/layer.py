@@ -1,0 +1,179 @@
+"""MoR tuner layer: wraps an ``nn.Linear`` and owns one MoR adapter per adapter name."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import MoRConfig
+from .functional import mor_delta, mor_delta_weight, router_probs
+
+
+class MoRLayer(BaseTunerLayer):
+    """Adapter-keyed MoR parameters for one linear layer.
+
+    ``mor_A`` (r x d_in) and ``mor_B`` (d_out x r) are the shared LoRA; ``mor_omega_A`` (N x r) and
+    ``mor_omega_B`` (N x d_out) the stacked expert scaling vectors; ``mor_router`` (N x d_in) the
+    router weight (absent for the non-learnable ``router="mean"``).
+    """
+
+    adapter_layer_names = ("mor_A", "mor_B", "mor_omega_A", "mor_omega_B", "mor_router")
+    other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "mor_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.num_experts: dict[str, int] = {}
+        self.mor_dropout = nn.ModuleDict({})
+        self.mor_A = nn.ParameterDict({})
+        self.mor_B = nn.ParameterDict({})
+        self.mor_omega_A = nn.ParameterDict({})
+        self.mor_omega_B = nn.ParameterDict({})
+        self.mor_router = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # Router statistics of the last forward, per adapter, for the balance loss (see MoRModel).
+        self._router_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._record_router_stats = False
+        self._token_mask: torch.Tensor | None = None
+
+        base_layer = self.get_base_layer()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MoR can only adapt torch.nn.Linear layers, got {type(base_layer).__name__}.")
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def update_layer(self, adapter_name: str, config: MoRConfig, inference_mode: bool = False) -> None:
+        """Create (or replace) the parameters of ``adapter_name`` from ``config``."""
+        n, r = config.num_experts, config.r
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.scaling
+        self.num_experts[adapter_name] = n
+        self.mor_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.mor_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        self.mor_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
+        self.mor_omega_A[adapter_name] = nn.Parameter(torch.empty(n, r))
+        self.mor_omega_B[adapter_name] = nn.Parameter(torch.empty(n, self.out_features))
+        if config.router == "softmax":
+            self.mor_router[adapter_name] = nn.Parameter(torch.empty(n, self.in_features))
+        self.reset_mor_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_mor_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """Paper Table 2: A and router normal-ish, B zero, Ω ones (so MoR starts as a zero LoRA)."""
+        nn.init.kaiming_uniform_(self.mor_A[adapter_name], a=math.sqrt(5))
+        if adapter_name in self.mor_router:
+            nn.init.normal_(self.mor_router[adapter_name], std=0.02)
+        if init_weights:
+            nn.init.zeros_(self.mor_B[adapter_name])
+            nn.init.ones_(self.mor_omega_A[adapter_name])
+            nn.init.ones_(self.mor_omega_B[adapter_name])
+        else:
+            nn.init.normal_(self.mor_B[adapter_name], std=0.1)
+            nn.init.normal_(self.mor_omega_A[adapter_name], mean=1.0, std=0.5)
+            nn.init.normal_(self.mor_omega_B[adapter_name], mean=1.0, std=0.5)
+            if adapter_name in self.mor_router:
+                nn.init.normal_(self.mor_router[adapter_name], std=1.0 / math.sqrt(self.in_features))
+
+    def is_input_independent(self, adapter_name: str) -> bool:
+        """Whether G(x) is constant for this adapter (one expert or the mean router)."""
+        return self.num_experts[adapter_name] == 1 or adapter_name not in self.mor_router
+
+    def _fixed_expert_weights(self, adapter_name: str) -> torch.Tensor:
+        n = self.num_experts[adapter_name]
+        return torch.full((n,), 1.0 / n, device=self.mor_A[adapter_name].device)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``ΔW`` (d_out x d_in) of an input-independent adapter; raises for a routed one."""
+        if not self.is_input_independent(adapter_name):
+            raise ValueError(
+                f"Cannot merge MoR adapter '{adapter_name}': its softmax router makes the update depend on each "
+                "token (ΔW(x) = Σ_i G_i(x)·...), so no single weight matrix reproduces it. Merging is exact only with "
+                "num_experts=1 or router='mean'. Use `unload()` to remove the adapter, or keep it unmerged."
+            )
+        return mor_delta_weight(
+            self.mor_A[adapter_name],
+            self.mor_B[adapter_name],
+            self.mor_omega_A[adapter_name],
+            self.mor_omega_B[adapter_name],
+            self._fixed_expert_weights(adapter_name),
+            self.scaling[adapter_name],
+        )
+
+
+class Linear(nn.Module, MoRLayer):
+    """An ``nn.Linear`` with MoR adapters: ``o = W x + b + Σ_active Δo_adapter(x)``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoRConfig, **kwargs: Any) -> None:
+        super().__init__()
+        MoRLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add ``ΔW`` of input-independent adapters to the base weight (raises for routed ones)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        deltas = {name: self.get_delta_weight(name) for name in adapter_names if name in self.mor_A}
+        weight = self.get_base_layer().weight
+        for name, delta in deltas.items():
+            merged = weight.data + delta.to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            weight.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' ``ΔW`` again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.mor_A:
+                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.mor_A:
+                continue
+            lora_A = self.mor_A[name]
+            x_in = self._cast_input_dtype(x, lora_A.dtype)
+            router = self.mor_router[name] if name in self.mor_router else None
+            probs = router_probs(x_in, router, self.num_experts[name])
+            if self._record_router_stats and router is not None:
+                self._router_stats[name] = (probs, self._token_mask)
+            delta = mor_delta(
+                self.mor_dropout[name](x_in),
+                lora_A,
+                self.mor_B[name],
+                self.mor_omega_A[name],
+                self.mor_omega_B[name],
+                probs,
+                self.scaling[name],
+            )
+            result = result + delta.to(out_dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "mor." + super().__repr__()

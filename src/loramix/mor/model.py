@@ -1,0 +1,130 @@
+"""MoR tuner: injects :class:`~loramix.mor.layer.Linear` into a model and adds the balance loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..constants import TRANSFORMERS_MODELS_TO_FFN_TARGET_MODULES
+from .config import MoRConfig
+from .layer import Linear, MoRLayer
+
+
+def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss ``N · Σ_i f_i · p̂_i`` over the tokens of one layer.
+
+    ``f_i`` is the fraction of tokens whose largest router weight is expert ``i`` and ``p̂_i`` the mean
+    router weight of expert ``i``; tokens where ``mask`` is 0 (padding) are left out. It is 1 for a
+    perfectly balanced router and N when every token goes to one expert.
+    """
+    num_experts = probs.shape[-1]
+    probs = probs.reshape(-1, num_experts).float()
+    if mask is not None and mask.numel() == probs.shape[0]:
+        keep = mask.reshape(-1).to(torch.bool)
+        probs = probs[keep]
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    counts = torch.nn.functional.one_hot(probs.argmax(dim=-1), num_experts).to(probs.dtype)
+    return num_experts * (counts.mean(0) * probs.mean(0)).sum()
+
+
+class MoRModel(BaseTuner):
+    """Creates a MoR (Mixture of Ranks) model from a transformers model (Tang et al., arXiv 2410.13408).
+
+    Use it through PEFT: ``get_peft_model(model, MoRConfig(...))``. When the active adapter has
+    ``router_aux_loss_coef > 0``, every forward returns ``aux_loss`` (the Switch balance loss
+    averaged over the adapted layers) and, when ``labels`` are given, adds
+    ``router_aux_loss_coef * aux_loss`` to ``loss`` — transformers' MoE convention.
+    """
+
+    prefix: str = "mor_"
+    tuner_layer_cls = MoRLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_FFN_TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config: MoRConfig, model_config: dict) -> MoRConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                linear_names = sorted(
+                    {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+                )
+                raise ValueError(
+                    f"MoRConfig.target_modules is not set and loramix has no default feed-forward modules for "
+                    f"model_type={model_type!r}. Set `target_modules` to the feed-forward nn.Linear names of this model; "
+                    f"its linear layers are named: {linear_names}."
+                )
+            peft_config.target_modules = set(self.target_module_mapping[model_type])
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: MoRConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        if isinstance(target, MoRLayer):
+            target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"MoR can only adapt torch.nn.Linear layers, but target module '{current_key}' is a "
+                f"{type(base).__name__}. Remove it from `target_modules`."
+            )
+        new_module = Linear(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        routed = [name for name in self.active_adapters if not self.peft_config[name].is_input_independent]
+        if routed:
+            raise ValueError(
+                f"Cannot merge MoR adapter(s) {routed}: a learnable per-token router makes the update depend on "
+                "each input, so no fixed weight reproduces it. Only num_experts=1 or router='mean' merge exactly. "
+                "Use `unload()` to get the base model back, or keep the adapter unmerged."
+            )
+
+    def _mor_layers(self) -> list[MoRLayer]:
+        return [m for m in self.model.modules() if isinstance(m, MoRLayer)]
+
+    def forward(self, *args: Any, **kwargs: Any):
+        coefs = {
+            name: self.peft_config[name].router_aux_loss_coef
+            for name in self.active_adapters
+            if name in self.peft_config and self.peft_config[name].router_aux_loss_coef > 0
+        }
+        if not coefs:
+            return self.model(*args, **kwargs)
+        layers = self._mor_layers()
+        mask = kwargs.get("attention_mask")
+        for layer in layers:
+            layer._record_router_stats, layer._token_mask = True, mask
+        try:
+            outputs = self.model(*args, **kwargs)
+            per_adapter = {
+                name: [
+                    switch_balance_loss(*layer._router_stats[name]) for layer in layers if name in layer._router_stats
+                ]
+                for name in coefs
+            }
+        finally:
+            for layer in layers:
+                layer._record_router_stats, layer._token_mask = False, None
+                layer._router_stats.clear()
+        losses = {name: torch.stack(values).mean() for name, values in per_adapter.items() if values}
+        if not losses:
+            return outputs
+        aux_loss = torch.stack(list(losses.values())).mean()
+        outputs["aux_loss"] = aux_loss
+        if kwargs.get("labels") is not None and outputs.get("loss") is not None:
+            outputs["loss"] = outputs["loss"] + sum(coefs[name] * loss for name, loss in losses.items())
+        return outputs
