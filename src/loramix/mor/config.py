@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from peft.config import PeftConfig
-
+from .._config_base import LoramixConfig
 from .._registration import extend_peft_type
 from .._validation import check_choice, check_int, check_layers_to_transform, check_number
 
@@ -15,7 +14,7 @@ BIASES = ("none", "all", "mor_only")
 
 
 @dataclass
-class MoRConfig(PeftConfig):
+class MoRConfig(LoramixConfig):
     """Configuration of a MoR adapter: one shared LoRA per linear layer, mixed by a per-token router.
 
     For a targeted linear ``W`` (``d_out x d_in``) the adapted layer computes (paper Eq. 5-7)::
