@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-import loramix  # noqa: F401
+# Tests never reach a model hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import loramix  # noqa: F401, E402
 
 # Tiny models: one thread avoids OpenMP spin-waits that make them 100x slower on a busy 2-core machine.
 torch.set_num_threads(1)
