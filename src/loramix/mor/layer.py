@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ._checkpointing import AuxGradInjector, PendingAux
 from .config import MoRConfig
 from .functional import mor_delta, mor_delta_weight, router_probs
 
@@ -43,6 +44,8 @@ class MoRLayer(BaseTunerLayer):
         self._router_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._record_router_stats = False
         self._token_mask: torch.Tensor | None = None
+        # Balance-loss terms to re-attach when reentrant checkpointing recomputes this layer (see _checkpointing).
+        self._pending_aux: dict[str, PendingAux] = {}
 
         base_layer = self.get_base_layer()
         if not isinstance(base_layer, nn.Linear):
@@ -161,8 +164,15 @@ class Linear(nn.Module, MoRLayer):
             x_in = self._cast_input_dtype(x, lora_A.dtype)
             router = self.mor_router[name] if name in self.mor_router else None
             probs = router_probs(x_in, router, self.num_experts[name])
+            aux_term = pending = None
             if self._record_router_stats and router is not None:
                 self._router_stats[name] = (probs, self._token_mask)
+            elif name in self._pending_aux and probs.requires_grad:
+                # Reentrant checkpointing is re-running this layer in the backward pass: rebuild the
+                # balance-loss term with a graph so that its gradient is not lost.
+                pending = self._pending_aux.pop(name)
+                if pending.shape == probs.shape:
+                    aux_term = pending.term_fn(probs)
             delta = mor_delta(
                 self.mor_dropout[name](x_in),
                 lora_A,
@@ -173,6 +183,8 @@ class Linear(nn.Module, MoRLayer):
                 self.scaling[name],
             )
             result = result + delta.to(out_dtype)
+            if aux_term is not None:
+                result = AuxGradInjector.apply(result, aux_term, pending)
         return result
 
     def __repr__(self) -> str:

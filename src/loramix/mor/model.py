@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from .._loading import StrictLoadingMixin
 from ..constants import TRANSFORMERS_MODELS_TO_FFN_TARGET_MODULES
+from ._checkpointing import AuxGradState, GradProbe, PendingAux
 from .config import MoRConfig
 from .layer import Linear, MoRLayer
 
@@ -97,6 +99,31 @@ class MoRModel(StrictLoadingMixin, BaseTuner):
     def _mor_layers(self) -> list[MoRLayer]:
         return [m for m in self.model.modules() if isinstance(m, MoRLayer)]
 
+    @staticmethod
+    def _balance_loss(layers: list[MoRLayer], name: str) -> torch.Tensor | None:
+        """Mean Switch loss of adapter ``name`` over the layers that recorded router statistics.
+
+        Layers whose probabilities came without a graph although grad is on (the no-grad first pass of
+        reentrant activation checkpointing) get their gradient when the backward pass recomputes them;
+        see :mod:`loramix.mor._checkpointing`.
+        """
+        recorded = [(layer, *layer._router_stats[name]) for layer in layers if name in layer._router_stats]
+        if not recorded:
+            return None
+        loss = torch.stack([switch_balance_loss(probs, mask) for _, probs, mask in recorded]).mean()
+        deferred = [
+            (layer, probs, mask)
+            for layer, probs, mask in recorded
+            if torch.is_grad_enabled() and not probs.requires_grad and layer.mor_router[name].requires_grad
+        ]
+        if deferred:
+            state = AuxGradState()
+            loss = GradProbe.apply(loss, loss.new_zeros((), requires_grad=True), state)
+            for layer, probs, mask in deferred:
+                term_fn = functools.partial(switch_balance_loss, mask=mask)
+                layer._pending_aux[name] = PendingAux(state, 1.0 / len(recorded), term_fn, probs.shape)
+        return loss
+
     def forward(self, *args: Any, **kwargs: Any):
         coefs = {
             name: self.peft_config[name].router_aux_loss_coef
@@ -111,17 +138,12 @@ class MoRModel(StrictLoadingMixin, BaseTuner):
             layer._record_router_stats, layer._token_mask = True, mask
         try:
             outputs = self.model(*args, **kwargs)
-            per_adapter = {
-                name: [
-                    switch_balance_loss(*layer._router_stats[name]) for layer in layers if name in layer._router_stats
-                ]
-                for name in coefs
-            }
+            per_adapter = {name: self._balance_loss(layers, name) for name in coefs}
         finally:
             for layer in layers:
                 layer._record_router_stats, layer._token_mask = False, None
                 layer._router_stats.clear()
-        losses = {name: torch.stack(values).mean() for name, values in per_adapter.items() if values}
+        losses = {name: loss for name, loss in per_adapter.items() if loss is not None}
         if not losses:
             return outputs
         aux_loss = torch.stack(list(losses.values())).mean()
