@@ -2,8 +2,9 @@
 
 PEFT loads an adapter with ``load_state_dict(strict=False)`` and only *warns* about missing keys, so
 an adapter saved for another base model or another config could come back partly random. loramix
-tuners refuse instead. The check runs in ``_remap_adapter_state_dict_for_load``, the hook PEFT calls
-on every ``PeftModel.from_pretrained`` / ``load_adapter`` before loading the weights.
+tuners refuse instead: ``loramix._tuner.LoramixTunerMixin`` runs this check in
+``_remap_adapter_state_dict_for_load``, the hook PEFT calls on every ``PeftModel.from_pretrained`` /
+``load_adapter`` before loading the weights.
 """
 
 from __future__ import annotations
@@ -51,15 +52,3 @@ def check_adapter_state_dict(
         "nothing was loaded. It was probably saved for another base model, another config (r, num_experts, "
         "target_modules, ...) or another method. " + "; ".join(problems) + "."
     )
-
-
-class StrictLoadingMixin:
-    """Mix into a ``BaseTuner`` subclass (before ``BaseTuner``) to make adapter loading strict."""
-
-    prefix: str
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_state_dict(model, adapter_name, remapped, cls.prefix)
-        return remapped

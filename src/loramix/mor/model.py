@@ -9,7 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .._loading import StrictLoadingMixin
+from .._tuner import LoramixTunerMixin
 from ..constants import TRANSFORMERS_MODELS_TO_FFN_TARGET_MODULES
 from ._checkpointing import AuxGradState, GradProbe, PendingAux
 from .config import MoRConfig
@@ -34,7 +34,7 @@ def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor | None = None) -
     return num_experts * (counts.mean(0) * probs.mean(0)).sum()
 
 
-class MoRModel(StrictLoadingMixin, BaseTuner):
+class MoRModel(LoramixTunerMixin, BaseTuner):
     """Creates a MoR (Mixture of Ranks) model from a transformers model (Tang et al., arXiv 2410.13408).
 
     Use it through PEFT: ``get_peft_model(model, MoRConfig(...))``. When the active adapter has
