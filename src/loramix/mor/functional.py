@@ -22,13 +22,15 @@ def router_probs(x: torch.Tensor, router_weight: torch.Tensor | None, num_expert
     """Per-token router weights ``G(x)`` of shape ``(..., N)``, always float32.
 
     ``router_weight is None`` is the paper's "mean" router: uniform 1/N, not learnable.
-    The logits are computed in the input's dtype (as autocast would) and the softmax in float32,
-    so low-precision training cannot saturate or NaN the router.
+    Logits and softmax are computed in float32 with autocast off: in float16 the logits of
+    large-magnitude inputs overflow to inf and the softmax returns NaN. The router has only N rows,
+    so the extra precision costs little next to the LoRA product.
     """
     if router_weight is None:
         return x.new_full((*x.shape[:-1], num_experts), 1.0 / num_experts, dtype=torch.float32)
-    logits = F.linear(x, router_weight)
-    return torch.softmax(logits.float(), dim=-1)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = F.linear(x.float(), router_weight.float())
+    return torch.softmax(logits, dim=-1)
 
 
 def mor_delta(
