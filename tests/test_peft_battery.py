@@ -16,17 +16,8 @@ import torch
 from peft import PeftModel, get_peft_model, inject_adapter_in_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from loramix import MoRConfig
+from tests.methods import METHODS
 from tests.tiny_models import tiny_llama
-
-# method name -> (config factory, parameter prefix); MiLoRA joins when it is registered.
-METHODS = {"mor": (lambda **kw: MoRConfig(r=4, num_experts=3, task_type="CAUSAL_LM", **kw), "mor_")}
-try:
-    from loramix import MiLoRAConfig
-
-    METHODS["milora"] = (lambda **kw: MiLoRAConfig(r=4, top_k=2, task_type="CAUSAL_LM", **kw), "milora_")
-except ImportError:
-    pass
 
 
 @pytest.fixture(params=sorted(METHODS))

@@ -18,7 +18,6 @@ from peft import PeftModel, get_peft_model
 
 import loramix._config_base as config_base
 from loramix import MoRConfig
-from loramix.mor.layer import MoRLayer
 from tests.tiny_models import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +55,11 @@ def test_overwrite_is_complete_and_leaves_no_journal(tmp_path):
     set_version(model, 2)
     model.save_pretrained(tmp_path)
     assert loaded_version(tmp_path) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
 
 def test_crash_while_writing_the_weights_keeps_the_old_adapter(tmp_path, monkeypatch):
@@ -119,7 +122,9 @@ def test_sigkill_during_repeated_saves(tmp_path, trial):
     """Kill a process that keeps overwriting an adapter, at a random moment: the adapter still loads whole."""
     versioned_model(1).save_pretrained(tmp_path)
     script = textwrap.dedent(SAVER.format(repo=str(REPO), directory=str(tmp_path)))
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert process.stdout.readline().strip() == "ready", process.stderr.read()
         time.sleep(random.Random(trial).uniform(0.05, 0.6))
