@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .. import kernels
 from ._checkpointing import AuxGradInjector, PendingAux
 from .config import MoRConfig
 from .functional import mor_delta, mor_delta_weight, router_probs
@@ -163,7 +164,30 @@ class Linear(nn.Module, MoRLayer):
             lora_A = self.mor_A[name]
             x_in = self._cast_input_dtype(x, lora_A.dtype)
             router = self.mor_router[name] if name in self.mor_router else None
-            probs = router_probs(x_in, router, self.num_experts[name])
+            if kernels.use_triton(x_in):  # fused Triton kernels: CUDA tensors by default, see loramix.kernels
+                result, probs = kernels.mor_linear(
+                    self.mor_dropout[name](x_in),
+                    lora_A,
+                    self.mor_B[name],
+                    self.mor_omega_A[name],
+                    self.mor_omega_B[name],
+                    router,
+                    self.scaling[name],
+                    x_router=x_in,
+                    residual=result,
+                )
+                delta = None
+            else:
+                probs = router_probs(x_in, router, self.num_experts[name])
+                delta = mor_delta(
+                    self.mor_dropout[name](x_in),
+                    lora_A,
+                    self.mor_B[name],
+                    self.mor_omega_A[name],
+                    self.mor_omega_B[name],
+                    probs,
+                    self.scaling[name],
+                )
             aux_term = pending = None
             if self._record_router_stats and router is not None:
                 self._router_stats[name] = (probs, self._token_mask)
@@ -173,16 +197,8 @@ class Linear(nn.Module, MoRLayer):
                 pending = self._pending_aux.pop(name)
                 if pending.shape == probs.shape:
                     aux_term = pending.term_fn(probs)
-            delta = mor_delta(
-                self.mor_dropout[name](x_in),
-                lora_A,
-                self.mor_B[name],
-                self.mor_omega_A[name],
-                self.mor_omega_B[name],
-                probs,
-                self.scaling[name],
-            )
-            result = result + delta.to(out_dtype)
+            if delta is not None:
+                result = result + delta.to(out_dtype)
             if aux_term is not None:
                 result = AuxGradInjector.apply(result, aux_term, pending)
         return result
