@@ -126,3 +126,23 @@ def test_mor_layer_dispatches_to_triton_when_forced():
     assert g_t.keys() == g_k.keys() and len(g_t) == 7  # A, B, Ω_A, Ω_B, router, base weight and bias
     for key in g_t:
         assert rel_err(g_k[key], g_t[key]) < 1e-5, key
+
+
+def test_autocast_computes_in_the_autocast_dtype_with_float32_router():
+    """Under autocast: bfloat16 output, float32 router weights and float32 gradients for float32 tensors."""
+    inp = make_inputs(23, 41, 19, 4, 5, torch.float32, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, probs = mor_linear(
+            inp["x"], inp["lora_A"], inp["lora_B"], inp["omega_A"], inp["omega_B"], inp["router"], 1.5
+        )
+    assert out.dtype == torch.bfloat16 and probs.dtype == torch.float32
+    inp["residual"] = torch.zeros(23, 19)
+    ref_inp, ref_out, ref_probs = torch_path(inp, 1.5)
+    assert rel_err(out, ref_out) < 2e-2 and rel_err(probs, ref_probs) < 1e-5
+    leaves = ["x", "lora_A", "lora_B", "omega_A", "omega_B", "router"]
+    upstream = torch.randn(23, 19)
+    grads = torch.autograd.grad((out.float() * upstream).sum(), [inp[k] for k in leaves])
+    ref = torch.autograd.grad((ref_out * upstream.double()).sum(), [ref_inp[k] for k in leaves])
+    for key, actual, expected in zip(leaves, grads, ref, strict=True):
+        assert actual.dtype == torch.float32, key
+        assert rel_err(actual, expected) < 3e-2, key

@@ -20,9 +20,10 @@ and ``h = s · g B_effᵀ`` (``T x N·r``, rebuilt per token block, never stored
 
 Group sums over the ``(i, k)`` index (``Σ_i`` for dz, ``Σ_k`` for dG) are small matrix products with a
 0/1 selection matrix, so any ``N`` and ``r`` work (blocks are padded to powers of two ≥ 16 and masked).
-All accumulation is float32; tile products use the input dtype (float16 / bfloat16 tensor cores on
-GPU), except under Triton's CPU interpreter, whose bfloat16 products are wrong: there every tile is
-upcast to float32 inside the kernel.
+All accumulation is float32. The LoRA tile products use the compute dtype (the input's, or the
+autocast dtype: float16 / bfloat16 tensor cores on GPU), except under Triton's CPU interpreter, whose
+bfloat16 products are wrong: there every tile is upcast to float32 inside the kernel. The router's
+products are float32 always (its logits must not overflow in float16; it has only N rows).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _mor_proj_kernel(
                     XR + rows[:, None] * stride_xr + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
                 )
             w = tl.load(WR + kn[None, :] * D_IN + cols[:, None], mask=(kn < N)[None, :] & col_ok[:, None], other=0.0)
-            acc_l = tl.dot(xr.to(DOT), w.to(DOT), acc_l, input_precision=PREC)
+            acc_l = tl.dot(xr.to(tl.float32), w.to(tl.float32), acc_l, input_precision="ieee")  # float32 logits
     tl.store(Z + rows[:, None] * R + kr[None, :], acc_z, mask=row_ok[:, None] & (kr < R)[None, :])
     n_ok = (kn < N)[None, :]
     if HAS_ROUTER:
@@ -244,9 +245,9 @@ def _mor_bwd_dx_kernel(
         dl = tl.load(DL + rows[:, None] * N + kn[None, :], mask=row_ok[:, None] & (kn < N)[None, :], other=0.0)
         w = tl.load(WR + kn[:, None] * D_IN + cols[None, :], mask=(kn < N)[:, None] & col_ok[None, :], other=0.0)
         if SAME_X:
-            acc = tl.dot(dl.to(DOT), w.to(DOT), acc, input_precision=PREC)
+            acc = tl.dot(dl, w.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc_r = tl.dot(dl.to(DOT), w.to(DOT), input_precision=PREC)
+            acc_r = tl.dot(dl, w.to(tl.float32), input_precision="ieee")
             tl.store(DXR + rows[:, None] * stride_dxr + cols[None, :], acc_r.to(DXR.dtype.element_ty), mask=m_out)
     tl.store(DX + rows[:, None] * stride_dx + cols[None, :], acc.to(DX.dtype.element_ty), mask=m_out)
 
@@ -282,7 +283,7 @@ def _mor_bwd_dw_kernel(
             else:
                 xr = tl.load(XR + rows[:, None] * stride_xr + cols[None, :], mask=m_x, other=0.0)
             dl_t = tl.load(DL + rows[None, :] * N + kn[:, None], mask=(kn < N)[:, None] & row_ok[None, :], other=0.0)
-            acc_w = tl.dot(dl_t.to(DOT), xr.to(DOT), acc_w, input_precision=PREC)
+            acc_w = tl.dot(dl_t, xr.to(tl.float32), acc_w, input_precision="ieee")
     base = pid_s * D_IN
     tl.store(DA_PART + base * R + kr[:, None] * D_IN + cols[None, :], acc_a, mask=(kr < R)[:, None] & col_ok[None, :])
     if HAS_ROUTER:
@@ -340,7 +341,7 @@ def _tiles(device: torch.device) -> dict[str, int]:
 
 class _MoRFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_router, lora_A, lora_B, omega_A, omega_B, router, residual, scaling):
+    def forward(ctx, x, x_router, lora_A, lora_B, omega_A, omega_B, router, residual, scaling, compute_dtype):
         ctx.set_materialize_grads(False)
         d_in = x.shape[-1]
         lead = x.shape[:-1]
@@ -362,7 +363,7 @@ class _MoRFunction(torch.autograd.Function):
         dev = x.device
         tiles = _tiles(dev)
         bt = tiles["BLOCK_T"]
-        dot, prec = _dot_dtype(x.dtype), _precision(x)
+        dot, prec = _dot_dtype(compute_dtype), _precision(x)
         block_r, block_n = _pow2(rank), _pow2(num_experts)
         block_j = min(64, _pow2(num_experts * rank))
 
@@ -375,7 +376,7 @@ class _MoRFunction(torch.autograd.Function):
             BLOCK_T=bt, BLOCK_K=tiles["BLOCK_K"], BLOCK_R=block_r, BLOCK_N=block_n, DOT=dot, PREC=prec,
         )  # fmt: skip
 
-        out = torch.empty(T, d_out, device=dev, dtype=x.dtype)
+        out = torch.empty(T, d_out, device=dev, dtype=compute_dtype)
         res2 = residual.reshape(T, d_out) if residual is not None else out
         if res2.stride(-1) != 1:
             res2 = res2.contiguous()
@@ -387,13 +388,13 @@ class _MoRFunction(torch.autograd.Function):
         )  # fmt: skip
 
         ctx.save_for_backward(x2, xr2 if not same_x else None, A, B, OA, OB, router, z, probs)
-        ctx.meta = (lead, same_x, float(scaling), residual is not None, x.dtype)
+        ctx.meta = (lead, same_x, float(scaling), residual is not None, compute_dtype)
         return out.reshape(*lead, d_out), probs.reshape(*lead, num_experts)
 
     @staticmethod
     def backward(ctx, grad_out, grad_probs):
         x2, xr2, A, B, OA, OB, router, z, probs = ctx.saved_tensors
-        lead, same_x, scaling, has_res, x_dtype = ctx.meta
+        lead, same_x, scaling, has_res, compute_dtype = ctx.meta
         if xr2 is None:
             xr2 = x2
         num_experts, rank = OA.shape
@@ -402,7 +403,7 @@ class _MoRFunction(torch.autograd.Function):
         dev = x2.device
         tiles = _tiles(dev)
         bt = tiles["BLOCK_T"]
-        dot, prec = _dot_dtype(x_dtype), _precision(x2)
+        dot, prec = _dot_dtype(compute_dtype), _precision(x2)
         block_r, block_n = _pow2(rank), _pow2(num_experts)
         nr = num_experts * rank
         block_j = min(64, _pow2(nr))
@@ -410,7 +411,7 @@ class _MoRFunction(torch.autograd.Function):
         WR = router if has_router else A
 
         if grad_out is None:
-            grad_out = torch.zeros(T, d_out, device=dev, dtype=x_dtype)
+            grad_out = torch.zeros(T, d_out, device=dev, dtype=compute_dtype)
         g = grad_out.reshape(T, d_out)
         if g.stride(-1) != 1:
             g = g.contiguous()
@@ -446,8 +447,8 @@ class _MoRFunction(torch.autograd.Function):
             grad_B = torch.einsum("oik,io->ok", m, OB.float()).to(B.dtype)
             grad_OB = torch.einsum("oik,ok->io", m, B.float()).to(OB.dtype)
         if needs[0] or needs[1]:
-            grad_x = torch.empty(T, d_in, device=dev, dtype=x_dtype)
-            grad_xr = grad_x if same_x else torch.empty(T, d_in, device=dev, dtype=x_dtype)
+            grad_x = torch.empty(T, d_in, device=dev, dtype=x2.dtype)
+            grad_xr = grad_x if same_x else torch.empty(T, d_in, device=dev, dtype=xr2.dtype)
             grid = (n_tblocks, triton.cdiv(d_in, tiles["BLOCK_I"]))
             _mor_bwd_dx_kernel[grid](
                 dz, dl, A, WR, grad_x, grad_xr, T, d_in, grad_x.stride(0), grad_xr.stride(0),
@@ -472,7 +473,7 @@ class _MoRFunction(torch.autograd.Function):
             if has_router:
                 grad_router = dw_part.sum(0).to(router.dtype)
         grad_res = grad_out if has_res else None
-        return grad_x, grad_xr, grad_A, grad_B, grad_OA, grad_OB, grad_router, grad_res, None
+        return grad_x, grad_xr, grad_A, grad_B, grad_OA, grad_OB, grad_router, grad_res, None, None
 
 
 def mor_linear(
@@ -489,12 +490,15 @@ def mor_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoR update with fused Triton kernels: returns ``(out, probs)``.
 
-    ``out = [residual +] scaling · Σ_i G_i(x_r) · Ω_B[i] ⊙ B (Ω_A[i] ⊙ A x)`` in ``x.dtype`` and
-    ``probs = G(x_r)`` (float32, differentiable, e.g. for a balance loss). ``x_router`` is the
-    router's input when it differs from ``x`` (LoRA dropout); by default the router reads ``x``, and
-    ``x`` is then read once for both ``A x`` and ``W_r x``. ``router=None`` is the uniform (mean) router.
-    Gradients flow to every tensor argument. Under autocast the inputs are cast to the autocast dtype
-    first, as ``F.linear`` would do.
+    ``out = [residual +] scaling · Σ_i G_i(x_r) · Ω_B[i] ⊙ B (Ω_A[i] ⊙ A x)`` and ``probs = G(x_r)``
+    (float32, differentiable, e.g. for a balance loss). ``x_router`` is the router's input when it
+    differs from ``x`` (LoRA dropout); by default the router reads ``x``, and each tile of ``x`` is then
+    read once for both ``A x`` and ``W_r x``. ``router=None`` is the uniform (mean) router.
+    Gradients flow to every tensor argument, in its own dtype.
+
+    ``out`` has ``x``'s dtype, or the autocast dtype under autocast: the LoRA products then run in
+    that dtype (tensors are cast tile by tile inside the kernels, nothing is copied), while the
+    router logits and softmax are always float32, as in :func:`loramix.mor.functional.router_probs`.
 
     Shapes: ``x`` (..., d_in), ``lora_A`` (r, d_in), ``lora_B`` (d_out, r), ``omega_A`` (N, r),
     ``omega_B`` (N, d_out), ``router`` (N, d_in), ``residual`` (..., d_out).
@@ -502,18 +506,12 @@ def mor_linear(
     if x_router is x:
         x_router = None
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, lora_A, lora_B, omega_A, omega_B = (t.to(dtype) for t in (x, lora_A, lora_B, omega_A, omega_B))
-        router = router.to(dtype) if router is not None else None
-        x_router = x_router.to(dtype) if x_router is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return _apply(x, x_router, lora_A, lora_B, omega_A, omega_B, router, residual, scaling)
-    return _apply(x, x_router, lora_A, lora_B, omega_A, omega_B, router, residual, scaling)
-
-
-def _apply(x, x_router, lora_A, lora_B, omega_A, omega_B, router, residual, scaling):
-    if residual is not None and (residual.dtype != x.dtype or residual.shape[:-1] != x.shape[:-1]):
-        out, probs = _MoRFunction.apply(x, x_router, lora_A, lora_B, omega_A, omega_B, router, None, scaling)
+    compute_dtype = x.dtype
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    if residual is not None and (residual.dtype != compute_dtype or residual.shape[:-1] != x.shape[:-1]):
+        out, probs = _MoRFunction.apply(
+            x, x_router, lora_A, lora_B, omega_A, omega_B, router, None, scaling, compute_dtype
+        )
         return residual + out.to(residual.dtype), probs
-    return _MoRFunction.apply(x, x_router, lora_A, lora_B, omega_A, omega_B, router, residual, scaling)
+    return _MoRFunction.apply(x, x_router, lora_A, lora_B, omega_A, omega_B, router, residual, scaling, compute_dtype)
