@@ -10,28 +10,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .._tuner import LoramixTunerMixin
+from ..balance import switch_balance_loss
 from ..constants import TRANSFORMERS_MODELS_TO_FFN_TARGET_MODULES
 from ._checkpointing import AuxGradState, GradProbe, PendingAux
 from .config import MoRConfig
 from .layer import Linear, MoRLayer
-
-
-def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss ``N · Σ_i f_i · p̂_i`` over the tokens of one layer.
-
-    ``f_i`` is the fraction of tokens whose largest router weight is expert ``i`` and ``p̂_i`` the mean
-    router weight of expert ``i``; tokens where ``mask`` is 0 (padding) are left out. It is 1 for a
-    perfectly balanced router and N when every token goes to one expert.
-    """
-    num_experts = probs.shape[-1]
-    probs = probs.reshape(-1, num_experts).float()
-    if mask is not None and mask.numel() == probs.shape[0]:
-        keep = mask.reshape(-1).to(torch.bool)
-        probs = probs[keep]
-    if probs.shape[0] == 0:
-        return probs.new_zeros(())
-    counts = torch.nn.functional.one_hot(probs.argmax(dim=-1), num_experts).to(probs.dtype)
-    return num_experts * (counts.mean(0) * probs.mean(0)).sum()
 
 
 class MoRModel(LoramixTunerMixin, BaseTuner):
