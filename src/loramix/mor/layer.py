@@ -131,6 +131,12 @@ class Linear(nn.Module, MoRLayer):
             return
         deltas = {name: self.get_delta_weight(name) for name in adapter_names if name in self.mor_A}
         weight = self.get_base_layer().weight
+        if deltas and not weight.dtype.is_floating_point:
+            raise ValueError(
+                f"Cannot merge MoR into a quantized base layer ({type(self.get_base_layer()).__name__} with "
+                f"{weight.dtype} weights, e.g. bitsandbytes 4/8-bit): adding ΔW needs float weights. Load the base "
+                "model unquantized to merge, or keep the adapter unmerged."
+            )
         for name, delta in deltas.items():
             merged = weight.data + delta.to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():

@@ -1,0 +1,502 @@
+"""Seeing the routers: expert usage, router entropy and load balance of a loramix model.
+
+Statistics come back as plain data (dicts of lists and floats, JSON-serialisable, no pandas);
+the plots use matplotlib (``pip install loramix[plots]``), imported only when a plot is drawn.
+
+* **MoR** routes every token: each adapted linear layer has its own router ``G(x) = softmax(W_r x)``
+  (MoR paper Eq. 5). A *row* is one (non-padding) token; a *layer* is one adapted module
+  (``model.layers.3.mlp.gate_proj``); the experts are the N rank experts ``E1 .. EN``.
+* **MiLoRA** routes every prompt: one router per transformer block picks the top-k of the block's
+  LoRA modules (MiLoRA paper Eq. 2-3). A row is one prompt, a layer one block, and the experts are
+  the block's modules (``q_proj`` ... ``down_proj``).
+
+For every layer the statistics are
+
+* ``usage[e]``: the fraction of rows whose top-k selection contains expert ``e`` (k = 1 for MoR, whose
+  router is soft; ``top_k`` for MiLoRA): the papers' "distribution of activated experts";
+* ``mean_prob[e]``: the mean router probability of expert ``e`` (MoR paper Fig. 7);
+* ``entropy``: the mean per-row entropy of the router distribution, in nats (``log N`` is uniform);
+* ``balance``: the Switch-Transformer balance ``N · Σ_e f_e · p̂_e`` over the data, with ``f`` the
+  top-1 fractions and ``p̂ = mean_prob`` (Fedus et al. Eq. 4; MiLoRA Eq. 4-5): 1 is perfectly balanced,
+  N means every row goes to one expert.
+
+Typical use::
+
+    from loramix.analysis import router_statistics, plot_routing
+
+    stats = router_statistics(model, batches)     # batches: dicts of model inputs, optional "task": [...]
+    plot_routing(stats, "out/")                   # out/routing_heatmap.png, out/routing_tasks.png
+
+:class:`RoutingRecorder` is the building block: it accumulates the same statistics from every forward
+pass of a model (it is what :class:`loramix.callbacks.RouterStatsCallback` uses during training).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "RoutingRecorder",
+    "plot_routing",
+    "plot_routing_heatmap",
+    "plot_task_bars",
+    "router_statistics",
+    "summarize",
+]
+
+_DISPLAY = {"mor": "MoR", "milora": "MiLoRA"}
+ALL = "all"  # the key of the statistics over every row, whatever its task
+
+
+def _peft_config(model: nn.Module, adapter_name: str | None):
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        raise ValueError(
+            "router statistics need a loramix PEFT model (from get_peft_model or PeftModel.from_pretrained); "
+            f"{type(model).__name__} has no `peft_config`."
+        )
+    if adapter_name is None:
+        adapter_name = getattr(model, "active_adapter", None)
+        if isinstance(adapter_name, (list, tuple)):
+            adapter_name = adapter_name[0]
+    if adapter_name not in configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {sorted(configs)}.")
+    return adapter_name, configs[adapter_name]
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing re-running a forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _Accumulator:
+    """Running sums of one layer's statistics, per task. Tensors stay on the device of the router."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, probs: torch.Tensor, selected: torch.Tensor, tasks: Sequence[str] | None) -> None:
+        """``probs`` (rows, N) float32; ``selected`` (rows, N) 0/1; ``tasks``: one label per row or None."""
+        groups = {ALL: None}
+        if tasks is not None:
+            for task in dict.fromkeys(tasks):
+                groups[task] = torch.tensor([t == task for t in tasks], device=probs.device)
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+        top1 = torch.nn.functional.one_hot(probs.argmax(-1), self.num_experts).to(probs.dtype)
+        for key, keep in groups.items():
+            p, s, t, h = (
+                (probs, selected, top1, entropy)
+                if keep is None
+                else (probs[keep], selected[keep], top1[keep], entropy[keep])
+            )
+            acc = self.sums.setdefault(
+                key,
+                {
+                    "rows": probs.new_zeros((), dtype=torch.float64),
+                    "prob": probs.new_zeros(self.num_experts, dtype=torch.float64),
+                    "selected": probs.new_zeros(self.num_experts, dtype=torch.float64),
+                    "top1": probs.new_zeros(self.num_experts, dtype=torch.float64),
+                    "entropy": probs.new_zeros((), dtype=torch.float64),
+                },
+            )
+            acc["rows"] += p.shape[0]
+            acc["prob"] += p.sum(0).double()
+            acc["selected"] += s.sum(0).double()
+            acc["top1"] += t.sum(0).double()
+            acc["entropy"] += h.sum().double()
+
+    def summary(self, key: str) -> dict[str, Any] | None:
+        acc = self.sums.get(key)
+        if acc is None or acc["rows"].item() == 0:
+            return None
+        rows = acc["rows"].item()
+        mean_prob = (acc["prob"] / rows).cpu()
+        top1 = (acc["top1"] / rows).cpu()
+        return {
+            "rows": int(rows),
+            "usage": (acc["selected"] / rows).cpu().tolist(),
+            "mean_prob": mean_prob.tolist(),
+            "entropy": acc["entropy"].item() / rows,
+            "balance": float(self.num_experts * (top1 * mean_prob).sum()),
+        }
+
+
+class RoutingRecorder:
+    """Accumulates router statistics from the forward passes of a loramix model, through hooks.
+
+    ``with RoutingRecorder(model) as rec: model(**batch)`` ... then ``rec.summary()``. Forward passes
+    re-run by activation checkpointing during backward are not counted twice. Padding (``attention_mask``
+    0) is left out. Set ``rec.tasks`` to one label per sequence of the next batch for per-task statistics
+    (:func:`router_statistics` does it from a ``"task"`` entry of each batch).
+
+    Args:
+        model: a ``PeftModel`` (or its ``base_model``) with a MoR or MiLoRA adapter.
+        adapter_name: which adapter's routers to watch (default: the active one).
+        training_only: count only forward passes in training mode (what the Trainer callback wants).
+    """
+
+    def __init__(self, model: nn.Module, adapter_name: str | None = None, training_only: bool = False) -> None:
+        self.model = model
+        self.adapter_name, self.config = _peft_config(model, adapter_name)
+        self.method = str(getattr(self.config.peft_type, "value", self.config.peft_type)).lower()
+        if self.method not in ("mor", "milora"):
+            raise ValueError(f"router statistics are for loramix MoR and MiLoRA adapters, not {self.method!r}.")
+        self.training_only = training_only
+        self.tasks: Sequence[str] | None = None
+        self._mask: torch.Tensor | None = None
+        self._layers: dict[str, _Accumulator] = {}
+        self._aux_sum: torch.Tensor | None = None
+        self._aux_count = 0
+        self._handles: list[Any] = []
+        self.expert_names: list[str] | None = None
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def attach(self) -> RoutingRecorder:
+        """Install the hooks (idempotent)."""
+        if self._handles:
+            return self
+        self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._post_hook, with_kwargs=True))
+        if self.method == "mor":
+            self._attach_mor()
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks; the statistics gathered so far stay."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> RoutingRecorder:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def _active(self) -> bool:
+        if _in_backward():
+            return False
+        return self.model.training or not self.training_only
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) else None
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
+        if not self._active():
+            return
+        aux = outputs.get("aux_loss") if isinstance(outputs, Mapping) else getattr(outputs, "aux_loss", None)
+        if isinstance(aux, torch.Tensor):
+            aux = aux.detach().float()
+            self._aux_sum = aux if self._aux_sum is None else self._aux_sum + aux
+            self._aux_count += 1
+        if self.method == "milora":
+            self._record_milora(outputs)
+        self._mask = None
+
+    def _attach_mor(self) -> None:
+        from .mor.functional import router_probs
+        from .mor.layer import MoRLayer
+
+        name = self.adapter_name
+        n = self.config.num_experts
+        self.expert_names = [f"E{i + 1}" for i in range(n)]
+        base = getattr(self.model, "base_model", self.model)
+        root = getattr(base, "model", base)
+        count = 0
+        for key, module in root.named_modules():
+            if not isinstance(module, MoRLayer) or name not in module.mor_router:
+                continue
+
+            def hook(mod, args, output, key=key):
+                if not self._active() or name not in mod.active_adapters or mod.disable_adapters:
+                    return
+                with torch.no_grad():
+                    x = mod._cast_input_dtype(args[0], mod.mor_A[name].dtype)
+                    probs = router_probs(x, mod.mor_router[name], n)
+                self._add(key, probs, k=1, mask=self._mask)
+
+            self._handles.append(module.register_forward_hook(hook))
+            count += 1
+        if not count:
+            self.detach()
+            raise ValueError(f"adapter {name!r} has no learnable MoR router (router='mean' does not route).")
+
+    def _record_milora(self, outputs: Any) -> None:
+        logits = (
+            outputs.get("router_logits") if isinstance(outputs, Mapping) else getattr(outputs, "router_logits", None)
+        )
+        if not logits:
+            return
+        if self.expert_names is None:
+            self.expert_names = _milora_expert_names(self.model, self.adapter_name, len(logits[0][0]))
+        blocks = _milora_block_names(self.model, self.adapter_name, len(logits))
+        k = getattr(self.config, "top_k", 1)
+        for block, block_logits in zip(blocks, logits, strict=True):
+            probs = torch.softmax(block_logits.detach().float(), dim=-1)
+            self._add(block, probs, k=k, mask=None)
+
+    def _add(self, layer: str, probs: torch.Tensor, k: int, mask: torch.Tensor | None) -> None:
+        n = probs.shape[-1]
+        tasks = self.tasks
+        if tasks is not None and probs.dim() == 3:  # (B, T, N): every token of a sequence has its task
+            tasks = [t for t in tasks for _ in range(probs.shape[1])]
+        flat = probs.reshape(-1, n).float()
+        if mask is not None and mask.numel() == flat.shape[0]:
+            keep = mask.reshape(-1).to(device=flat.device, dtype=torch.bool)
+            flat = flat[keep]
+            if tasks is not None:
+                tasks = [t for t, kept in zip(tasks, keep.tolist(), strict=True) if kept]
+        if tasks is not None and len(tasks) != flat.shape[0]:
+            tasks = None  # labels that do not match the rows (e.g. packed batches): overall statistics only
+        selected = torch.zeros_like(flat).scatter_(-1, flat.topk(min(k, n), dim=-1).indices, 1.0)
+        self._layers.setdefault(layer, _Accumulator(n)).add(flat, selected, tasks)
+
+    # -- results ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the statistics gathered so far."""
+        self._layers.clear()
+        self._aux_sum, self._aux_count = None, 0
+
+    def mean_aux_loss(self) -> torch.Tensor | None:
+        """Mean ``outputs.aux_loss`` over the recorded forward passes (a 0-d tensor), or None."""
+        return None if self._aux_sum is None else self._aux_sum / self._aux_count
+
+    def summary(self) -> dict[str, Any]:
+        """The statistics gathered so far as plain data; see the module docstring and :func:`summarize`."""
+        layers = list(self._layers)
+        result: dict[str, Any] = {
+            "method": self.method,
+            "unit": "token" if self.method == "mor" else "prompt",
+            "adapter": self.adapter_name,
+            "num_experts": self.config.num_experts if self.method == "mor" else len(self.expert_names or []),
+            "expert_names": list(self.expert_names or []),
+            "top_k": 1 if self.method == "mor" else getattr(self.config, "top_k", 1),
+            "layers": layers,
+        }
+        result.update(_group(self._layers, layers, ALL))
+        task_keys = [k for acc in self._layers.values() for k in acc.sums if k != ALL]
+        result["tasks"] = {task: _group(self._layers, layers, task) for task in dict.fromkeys(task_keys)}
+        aux = self.mean_aux_loss()
+        result["aux_loss"] = None if aux is None else aux.item()
+        return result
+
+
+def _group(layers: Mapping[str, _Accumulator], names: list[str], key: str) -> dict[str, Any]:
+    per_layer = [layers[name].summary(key) for name in names]
+    present = [s for s in per_layer if s is not None]
+    return {
+        "rows": max((s["rows"] for s in present), default=0),
+        "usage": [s["usage"] if s else None for s in per_layer],
+        "mean_prob": [s["mean_prob"] if s else None for s in per_layer],
+        "entropy": [s["entropy"] if s else None for s in per_layer],
+        "balance": [s["balance"] if s else None for s in per_layer],
+    }
+
+
+def _milora_block_names(model: nn.Module, adapter_name: str, count: int) -> list[str]:
+    routing = getattr(model, "routing", None) or getattr(getattr(model, "base_model", None), "routing", None)
+    if callable(routing):
+        try:
+            names = list(routing(adapter_name))
+        except Exception:  # noqa: BLE001 - fall back to numbered blocks
+            names = []
+        if len(names) == count:
+            return names
+    return [f"block {i}" for i in range(count)]
+
+
+def _milora_expert_names(model: nn.Module, adapter_name: str, count: int) -> list[str]:
+    base = getattr(model, "base_model", model)
+    config = getattr(base, "peft_config", {}).get(adapter_name)
+    names = getattr(config, "expert_names", None) or getattr(config, "target_modules", None)
+    if names and not isinstance(names, str) and len(names) == count:
+        return list(names)
+    return [f"E{i + 1}" for i in range(count)]
+
+
+def router_statistics(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    adapter_name: str | None = None,
+) -> dict[str, Any]:
+    """Run ``model`` over ``batches`` (no grad, eval mode) and return its router statistics as plain data.
+
+    Args:
+        model: a ``PeftModel`` with a MoR or MiLoRA adapter.
+        batches: dicts of model inputs (``input_ids``, ``attention_mask``, ...). A ``"task"`` entry (one
+            label per sequence) adds per-task statistics; it is removed before the forward pass.
+        adapter_name: the adapter whose routers to read (default: the active one).
+
+    Returns:
+        ``{"method", "unit", "adapter", "num_experts", "expert_names", "top_k", "layers", "rows",
+        "usage", "mean_prob", "entropy", "balance", "tasks": {task: {...}}, "aux_loss"}`` where
+        ``usage`` and ``mean_prob`` are ``layers x experts`` lists and ``entropy``/``balance`` one value
+        per layer (module docstring); ``tasks`` repeats ``rows`` to ``balance`` per task label.
+    """
+    was_training = model.training
+    model.eval()
+    recorder = RoutingRecorder(model, adapter_name)
+    try:
+        with recorder, torch.no_grad():
+            for batch in batches:
+                batch = dict(batch)
+                tasks = batch.pop("task", None)
+                recorder.tasks = [tasks] * len(batch["input_ids"]) if isinstance(tasks, str) else tasks
+                device = next(model.parameters()).device
+                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    finally:
+        model.train(was_training)
+    return recorder.summary()
+
+
+def summarize(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """One number per statistic, averaged over layers: ``{"entropy", "normalized_entropy", "balance",
+    "max_usage"}`` (``max_usage``: the largest share any expert gets, averaged over layers)."""
+    entropies = [e for e in stats["entropy"] if e is not None]
+    balances = [b for b in stats["balance"] if b is not None]
+    usages = [max(u) for u in stats["usage"] if u]
+    n = stats["num_experts"]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {
+        "entropy": mean(entropies),
+        "normalized_entropy": mean(entropies) / math.log(n) if n > 1 else float("nan"),
+        "balance": mean(balances),
+        "max_usage": mean(usages),
+    }
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'loramix[plots]'") from err
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _short(layer: str) -> str:
+    """``base_model.model.model.layers.3.mlp.gate_proj`` -> ``3.gate_proj``; block names -> ``3``."""
+    parts = layer.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            tail = parts[-1] if i < len(parts) - 1 else ""
+            return f"{part}.{tail}" if tail else part
+    return layer
+
+
+def plot_routing_heatmap(
+    stats: Mapping[str, Any],
+    path: str | Path,
+    value: str = "usage",
+    task: str | None = None,
+    modules: str | Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Save a ``layers x experts`` heatmap of ``value`` (``"usage"`` or ``"mean_prob"``) as a PNG.
+
+    Like MiLoRA's Fig. 2 (distribution of activated experts across layers). ``task`` restricts it to
+    one task's rows; ``modules`` keeps only layers whose name contains one of these strings (MoR:
+    e.g. ``"gate_proj"``, one router per block as in MoR's Fig. 7). Returns the path written.
+    """
+    if value not in ("usage", "mean_prob"):
+        raise ValueError(f"value must be 'usage' or 'mean_prob', got {value!r}.")
+    group = stats if task is None else stats["tasks"][task]
+    names = list(stats["layers"])
+    rows = [(n, r) for n, r in zip(names, group[value], strict=True) if r is not None]
+    if modules is not None:
+        wanted = [modules] if isinstance(modules, str) else list(modules)
+        rows = [(n, r) for n, r in rows if any(w in n for w in wanted)]
+    if not rows:
+        raise ValueError("no layer has router statistics to plot (were any routed rows recorded?).")
+    import numpy as np
+
+    data = np.array([r for _, r in rows], dtype=float)
+    experts = stats["expert_names"] or [f"E{i + 1}" for i in range(data.shape[1])]
+    fig = _figure(1.6 + 0.55 * data.shape[1], 1.4 + 0.18 * data.shape[0])
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(data.max()), 1e-9))
+    ax.set_xticks(range(len(experts)), experts, rotation=45 if len(max(experts, key=len)) > 3 else 0, ha="right")
+    step = max(1, len(rows) // 40)
+    ax.set_yticks(range(0, len(rows), step), [_short(n) for n, _ in rows][::step], fontsize=7)
+    ax.set_xlabel("expert" if stats["method"] == "mor" else "LoRA module")
+    ax.set_ylabel("layer")
+    label = {"usage": f"share of {stats['unit']}s routed (top-{stats['top_k']})", "mean_prob": "mean router weight"}
+    fig.colorbar(image, ax=ax, label=label[value], fraction=0.05)
+    scope = f" — task {task}" if task else ""
+    ax.set_title(title or f"{_DISPLAY.get(stats['method'], stats['method'])} routing per layer{scope}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_task_bars(
+    stats: Mapping[str, Any],
+    path: str | Path,
+    layer: int | str = -1,
+    value: str = "mean_prob",
+    title: str | None = None,
+) -> Path:
+    """Save grouped bars of ``value`` per expert, one bar per task, for one layer, as a PNG.
+
+    Like MoR's Fig. 7 (router weights of one layer's gate on different tasks). ``layer`` is an index
+    into ``stats["layers"]``, a layer name (or a unique part of one), or ``"mean"`` for the average
+    over layers. Needs per-task statistics (a ``"task"`` entry in the batches).
+    """
+    tasks = list(stats["tasks"])
+    if not tasks:
+        raise ValueError("no per-task statistics: give each batch a 'task' entry (one label per sequence).")
+    names = list(stats["layers"])
+
+    def pick(values):
+        if layer == "mean":
+            present = [v for v in values if v is not None]
+            return [sum(col) / len(present) for col in zip(*present, strict=True)]
+        if isinstance(layer, int):
+            return values[layer]
+        matches = [i for i, n in enumerate(names) if layer == n or layer in n]
+        if len(matches) != 1:
+            raise ValueError(f"layer {layer!r} matches {len(matches)} layers; give an index or a unique name.")
+        return values[matches[0]]
+
+    experts = stats["expert_names"] or [f"E{i + 1}" for i in range(stats["num_experts"])]
+    width = 0.8 / len(tasks)
+    fig = _figure(max(5.0, 0.45 * len(experts) * max(2, len(tasks)) / 2 + 2), 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    for j, task in enumerate(tasks):
+        values = pick(stats["tasks"][task][value])
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(values))]
+        ax.bar(xs, values, width=width, label=task)
+    ax.set_xticks(range(len(experts)), experts)
+    ax.set_xlabel("expert" if stats["method"] == "mor" else "LoRA module")
+    ax.set_ylabel({"usage": f"share of {stats['unit']}s routed", "mean_prob": "mean router weight"}[value])
+    where = "mean over layers" if layer == "mean" else _short(names[layer] if isinstance(layer, int) else layer)
+    ax.set_title(title or f"{_DISPLAY.get(stats['method'], stats['method'])} routing per task ({where})", fontsize=10)
+    ax.legend(fontsize=8, ncols=min(4, len(tasks)))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_routing(stats: Mapping[str, Any], out_dir: str | Path, prefix: str = "routing") -> dict[str, Path]:
+    """Write the heatmap (``<prefix>_heatmap.png``) and, with tasks, the per-task bars
+    (``<prefix>_tasks.png``) into ``out_dir``; returns ``{"heatmap": path, "tasks": path}``."""
+    out_dir = Path(out_dir)
+    paths = {"heatmap": plot_routing_heatmap(stats, out_dir / f"{prefix}_heatmap.png")}
+    if stats["tasks"]:
+        paths["tasks"] = plot_task_bars(stats, out_dir / f"{prefix}_tasks.png", layer=-1)
+    return paths

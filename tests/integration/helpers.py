@@ -1,0 +1,78 @@
+"""Shared pieces of the integration tests: methods with the aux loss on, data, a character tokenizer."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from peft import get_peft_model
+from transformers import PreTrainedTokenizerFast
+
+from tests.methods import METHODS
+from tests.tiny_models import tiny_llama
+
+METHOD_NAMES = sorted(METHODS)
+AUX_COEF = 0.5  # large, so that a forgotten aux loss shows in every comparison
+
+
+def config(method: str, **overrides):
+    """A small non-trivial config of ``method`` with the router balance loss switched on."""
+    factory, _ = METHODS[method]
+    kwargs = {"init_weights": False, "router_aux_loss_coef": AUX_COEF, "lora_dropout": 0.0, **overrides}
+    return factory(**kwargs)
+
+
+def peft_model(method: str, seed: int = 0, base=None, **overrides):
+    """``get_peft_model`` of a tiny LLaMA (seeded) with :func:`config`."""
+    base = base if base is not None else tiny_llama(seed)
+    torch.manual_seed(seed + 1)
+    return get_peft_model(base, config(method, **overrides))
+
+
+def adapter_state(model, method: str) -> dict[str, torch.Tensor]:
+    """The trainable adapter tensors (cloned), by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def sequences(rows: int = 8, length: int = 12, seed: int = 1) -> torch.Tensor:
+    """Token rows following a fixed random permutation: a next-token rule adapters can learn."""
+    generator = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(127, generator=generator) + 1
+    tokens = [torch.randint(1, 128, (rows,), generator=generator)]
+    for _ in range(length - 1):
+        tokens.append(successor[tokens[-1] - 1])
+    return torch.stack(tokens, dim=1)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """``input_ids``/``attention_mask``/``labels`` rows for ``transformers.Trainer``; row 0 is left-padded."""
+
+    def __init__(self, ids: torch.Tensor, pad_first: int = 3) -> None:
+        self.ids = ids.clone()
+        self.mask = torch.ones_like(ids)
+        if pad_first:
+            self.ids[0, :pad_first] = 0
+            self.mask[0, :pad_first] = 0
+        self.labels = self.ids.masked_fill(self.mask == 0, -100)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer with fewer than 128 ids (fits the tiny models), built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    assert len(vocab) <= 128
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -1,0 +1,123 @@
+"""``transformers.Trainer`` on a PEFT model of each method: aux loss optimised and logged, adapter-only
+checkpoints, and resuming from a checkpoint ends on the same adapter as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+
+from loramix.callbacks import RouterStatsCallback, add_router_stats_callback
+from tests.integration.helpers import AUX_COEF, METHOD_NAMES, TokenDataset, adapter_state, peft_model, sequences
+from tests.methods import METHODS
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+def training_args(out, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_trainer_optimises_and_logs_the_aux_loss(tmp_path, method):
+    data = TokenDataset(sequences(rows=4))
+    # One batch is the whole data set, so the first logged loss is that of the initial adapter on it.
+    model = peft_model(method).train()  # MiLoRA adds the aux loss in training mode only (dropout is 0)
+    batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        expected = model(**batch)
+    lm_only = torch.nn.functional.cross_entropy(
+        expected.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
+    assert expected.loss.item() == pytest.approx(lm_only.item() + AUX_COEF * expected.aux_loss.item(), rel=1e-5)
+    assert expected.loss.item() - lm_only.item() > 0.1  # the aux term is large enough to see
+
+    args = training_args(tmp_path, max_steps=3, per_device_train_batch_size=len(data))
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[RouterStatsCallback()])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    # The loss the Trainer optimises (and logs) is the LM loss plus coef * aux loss ...
+    assert logs[0]["loss"] == pytest.approx(expected.loss.item(), rel=1e-4)
+    # ... and the aux loss itself is logged, with router statistics.
+    assert logs[0]["aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-4)
+    for entry in logs:
+        assert {"aux_loss", "router_entropy", "router_balance", "router_max_usage"} <= set(entry)
+        assert entry["router_balance"] > 0 and entry["router_entropy"] > 0
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_callback_first_reaches_reporting_integrations(tmp_path, method):
+    seen = []
+
+    class Reporter(RouterStatsCallback.__mro__[1]):  # a TrainerCallback standing in for TensorBoard / W&B
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = Trainer(
+        model=peft_model(method), args=training_args(tmp_path, max_steps=2), train_dataset=TokenDataset(sequences())
+    )
+    trainer.callback_handler.callbacks.insert(0, Reporter())
+    add_router_stats_callback(trainer)
+    trainer.train()
+    assert seen and all("aux_loss" in logs and "router_entropy" in logs for logs in seen if "loss" in logs)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_checkpoints_hold_the_adapter_only(tmp_path, method):
+    model = peft_model(method)
+    args = training_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(sequences())).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "trainer_state.json"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    prefix = METHODS[method][1]
+    assert saved and all(prefix in key for key in saved)
+    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["peft_type"] == method.upper()
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_resume_from_checkpoint_reaches_the_same_adapter(tmp_path, method):
+    data = TokenDataset(sequences(rows=8))
+    # Dropout on, mid-epoch checkpoint: the resumed run must restore RNG, optimizer and data order.
+    overrides = {"lora_dropout": 0.1}
+    args = dict(max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="linear", warmup_steps=1)
+
+    straight = peft_model(method, **overrides)
+    Trainer(model=straight, args=training_args(tmp_path / "a", **args), train_dataset=data).train()
+    expected = adapter_state(straight, method)
+
+    resumed = peft_model(method, **overrides)
+    start = adapter_state(resumed, method)
+    trainer = Trainer(model=resumed, args=training_args(tmp_path / "b", **args), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    final = adapter_state(resumed, method)
+    assert final.keys() == expected.keys()
+    # (MiLoRA: modules its routers never selected keep their initial weights.)
+    assert sum(not torch.equal(final[name], start[name]) for name in expected) > len(expected) // 2
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6, msg=name)
