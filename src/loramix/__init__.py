@@ -13,6 +13,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._registration import register
+from .milora import MiLoRAConfig, MiLoRAModel
 from .mor import MoRConfig, MoRModel
 
 try:
@@ -21,5 +22,6 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0"
 
 register("mor", MoRConfig, MoRModel)
+register("milora", MiLoRAConfig, MiLoRAModel)
 
-__all__ = ["MoRConfig", "MoRModel", "__version__"]
+__all__ = ["MiLoRAConfig", "MiLoRAModel", "MoRConfig", "MoRModel", "__version__"]

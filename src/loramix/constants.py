@@ -32,3 +32,11 @@ TRANSFORMERS_MODELS_TO_BLOCK_TARGET_MODULES: dict[str, list[str]] = {
     **{name: _LLAMA_ATTN + _LLAMA_FFN for name in _LLAMA_LIKE},
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
 }
+
+# MiLoRA: the module of every transformer block whose input is the block's input hidden states and
+# that runs before any projection of the block; the block's router wraps it. Post-norm blocks (OLMo-2)
+# have no such module and are left out.
+TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR: dict[str, str] = {
+    **{name: "input_layernorm" for name in _LLAMA_LIKE if name != "olmo2"},
+    "phi3": "input_layernorm",
+}

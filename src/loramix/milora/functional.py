@@ -1,0 +1,171 @@
+"""MiLoRA's numerical pieces, one function each (Zhang et al., arXiv 2410.18035).
+
+Router of one transformer block (paper Eq. 2-3 and Appendix C), for a batch of prompts::
+
+    h      = Pooler(H)                  # (B, d) from the block's input hidden states H (B, T, d)
+    logits = g(h) W_r^T                 # (B, N): g = rational / gelu / relu / identity
+    p      = softmax(logits)            # (B, N)
+    w      = Top-k(p)                   # p_i for the k largest, 0 elsewhere (not renormalised)
+
+Expert ``i`` of the block (an ordinary LoRA, or DoRA for MiDoRA) then adds ``w_i · Δ_i(x)`` to its
+linear layer's output for every token of that sequence. The float64 references these must equal
+live in ``tests/milora/reference.py``.
+
+Not to be confused with the "minor singular components" MiLoRA (arXiv 2406.09044).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+POOLERS = ("attention", "mean", "last", "max")
+ACTIVATIONS = ("rational", "gelu", "relu", "identity")
+
+# The GeLU fit of the rational activation: least squares on this many points of [-FIT_RANGE, FIT_RANGE].
+FIT_RANGE = 3.0
+FIT_POINTS = 2001
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pooling (paper §3.3 and Appendix C). ``mask`` (B, T) bool marks the tokens that may enter the pool;
+# every row must have at least one (the routing context guarantees it). ``None`` means all tokens.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, pooler: str, query: torch.Tensor | None = None):
+    """Pool ``hidden`` (B, T, d) over the tokens where ``mask`` is True into (B, d).
+
+    ``"attention"`` is the self-attention pooler of Appendix C: ``a = softmax_t(h_t · query)``,
+    ``p = Σ_t a_t h_t`` (``query`` is ``W_sa``, shape (d,)); ``"mean"``, ``"max"`` (per feature) and
+    ``"last"`` (the last token in the mask, so left and right padding both work) are the others.
+    """
+    if pooler == "mean":
+        if mask is None:
+            return hidden.mean(dim=1)
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    if pooler == "max":
+        if mask is None:
+            return hidden.amax(dim=1)
+        return hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+    if pooler == "last":
+        if mask is None:
+            return hidden[:, -1]
+        # index of the last True per row: the first True of the flipped mask (argmax returns the first maximum)
+        last = hidden.shape[1] - 1 - mask.flip(-1).to(torch.int8).argmax(dim=-1)
+        return hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
+    if pooler == "attention":
+        scores = hidden @ query.to(hidden.dtype)  # (B, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(scores, dim=-1)
+        return torch.bmm(attn.unsqueeze(1), hidden).squeeze(1)
+    raise ValueError(f"unknown pooler {pooler!r}; expected one of {POOLERS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activation (paper §3.4, Eq. 6): Ra(x) = Σ_{j=0..m} a_j x^j / (1 + |Σ_{i=1..n} b_i x^i|)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """The rational activation ``P(x) / (1 + |Q(x)|)``, ``numerator`` = (a_0..a_m), ``denominator`` = (b_1..b_n).
+
+    Both polynomials are evaluated with Horner's scheme (fewer roundings than summing powers).
+    ``Q`` has no constant term, so the denominator is >= 1 and the function has no poles.
+    """
+    p = numerator[-1].expand_as(x)
+    for coef in numerator.flip(0)[1:]:  # a_{m-1}, ..., a_0
+        p = p * x + coef
+    q = denominator[-1].expand_as(x)
+    for coef in denominator.flip(0)[1:]:  # b_{n-1}, ..., b_1
+        q = q * x + coef
+    return p / (1.0 + (q * x).abs())
+
+
+@functools.cache
+def rational_gelu_init(m: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Coefficients ``(a_0..a_m), (b_1..b_n)`` of a rational of order (m, n) that approximates GeLU.
+
+    Derivation (run once per order, cached): linear least squares, in float64, of
+    ``P(x) - GeLU(x)·Q(x) = GeLU(x)`` on ``FIT_POINTS`` evenly spaced points of ``[-3, 3]`` — the
+    linearised fit of Padé activation units (Molina et al. 2019). For (6, 5) the fitted ``Q`` is an
+    even polynomial that is >= 0, so ``1 + |Q| = 1 + Q`` and the fit holds as is: the max abs error
+    against exact (erf) GeLU on [-3, 3] is 7.6e-5 (``tests/milora/test_functional.py`` checks it).
+    Outside the fitted range the function grows like ``c·|x|`` on both sides.
+    """
+    x = torch.linspace(-FIT_RANGE, FIT_RANGE, FIT_POINTS, dtype=torch.float64)
+    y = 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    powers_p = torch.stack([x**j for j in range(m + 1)], dim=1)
+    powers_q = torch.stack([-y * x**i for i in range(1, n + 1)], dim=1)
+    design = torch.cat([powers_p, powers_q], dim=1)
+    solution = torch.linalg.lstsq(design, y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    return tuple(solution[: m + 1].tolist()), tuple(solution[m + 1 :].tolist())
+
+
+def activate(x: torch.Tensor, activation: str, numerator=None, denominator=None) -> torch.Tensor:
+    """The router activation ``g``: ``"rational"`` (learnable), ``"gelu"`` (exact erf), ``"relu"``, ``"identity"``."""
+    if activation == "rational":
+        return rational(x, numerator, denominator)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "relu":
+        return F.relu(x)
+    if activation == "identity":
+        return x
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Router head (Eq. 3) and experts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def top_k_gates(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Top-k`` of Eq. 3: the router weights ``w`` (B, N) and the selection mask (B, N).
+
+    ``w_i = p_i`` for the ``k`` most probable experts and 0 for the others. The kept weights are *not*
+    renormalised: Eq. 3 applies Top-k to the softmax output, and keeping ``p_i`` lets the language-model
+    loss train the router through the gate values (with renormalisation and ``k = 1`` every gate would be
+    the constant 1 and only the balance loss would reach the router).
+    """
+    values, index = probs.topk(top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(-1, index, values)
+    selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
+    return gates, selected
+
+
+def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling · B A x`` for ``x`` (..., d_in), ``lora_A`` (r, d_in), ``lora_B`` (d_out, r)."""
+    return F.linear(F.linear(x, lora_A), lora_B) * scaling
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
+    """Row norms ``||W + scaling · B A||`` (d_out,) of the DoRA-adapted weight (``W`` is d_out x d_in)."""
+    return torch.linalg.vector_norm(weight.to(lora_A.dtype) + scaling * (lora_B @ lora_A), dim=1)
+
+
+def dora_update(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The DoRA update ``W' x - W x`` with ``W' = m ⊙ (W + s·BA) / ||W + s·BA||`` (Liu et al. 2024).
+
+    As PEFT computes it (``peft/tuners/lora/dora.py``, ``DoraLinearLayer.forward``)::
+
+        scale = m / ||W + s·BA||            # norm detached (DoRA §4.3)
+        Δ     = (scale - 1) ⊙ (W x) + scale ⊙ s·B A x
+
+    ``base_out`` is ``W x`` without bias. A MiDoRA expert adds ``w_i · Δ`` for its router weight ``w_i``.
+    """
+    scale = magnitude / weight_norm.detach()
+    return (scale - 1) * base_out + scale * lora_update(x, lora_A, lora_B, scaling)

@@ -1,0 +1,340 @@
+"""MiLoRA tuner layers: the per-block router (wrapping the block's first module) and the LoRA experts.
+
+Both live inside the model's module tree as ordinary PEFT tuner layers, so PEFT's save/load,
+``set_adapter``, ``disable_adapter``, ``delete_adapter``, ``requires_grad`` handling, dtype casts and
+``unload`` — and transformers' ``model.load_adapter``, which keeps no tuner object — cover them with
+no special code. An expert holds a plain (non-module) reference to its block's router and reads the
+router's decision for the current batch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from . import functional as F_milora
+from .config import MiLoRAConfig
+from .routing import RoutingState
+
+
+class MiLoRATunerLayer(BaseTunerLayer):
+    """Common base of :class:`MiLoRARouter` and :class:`Linear` (the tuner's ``tuner_layer_cls``)."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(
+            "MiLoRA adapters cannot be merged: the router picks the experts per prompt, so no single weight matrix "
+            "reproduces the adapter. Keep it unmerged, or use `unload()` to get the base model back."
+        )
+
+    def unmerge(self) -> None:
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+
+
+class MiLoRARouter(nn.Module, MiLoRATunerLayer):
+    """The router of one transformer block; wraps the block's ``router_anchor`` (e.g. ``input_layernorm``).
+
+    Its input is the block's input hidden states ``H`` (B, T, d). Unless the current forward is a
+    decoding step that reuses the routing of the prompt, it computes, for each active adapter,
+    ``Top-k(softmax(g(Pooler(H)) W_r))`` over the tokens of the routing context's pool mask and keeps
+    it for the block's experts; then it returns ``base_layer(H)`` unchanged.
+
+    Parameters per adapter: ``milora_router`` (N x d), ``milora_pool_query`` (d; attention pooler
+    only), ``milora_rational_num`` (m+1) and ``milora_rational_den`` (n) (rational activation only).
+    """
+
+    adapter_layer_names = ("milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
+    other_param_names = ("top_k", "pooler", "activation", "expert_names", "router_aux_loss_coef")
+
+    def __init__(self, base_layer: nn.Module, hidden_size: int, context: Any = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.hidden_size = hidden_size
+        self.top_k: dict[str, int] = {}
+        self.pooler: dict[str, str] = {}
+        self.activation: dict[str, str] = {}
+        self.expert_names: dict[str, tuple[str, ...]] = {}
+        self.router_aux_loss_coef: dict[str, float] = {}
+        self.milora_router = nn.ParameterDict({})
+        self.milora_pool_query = nn.ParameterDict({})
+        self.milora_rational_num = nn.ParameterDict({})
+        self.milora_rational_den = nn.ParameterDict({})
+        self._disable_adapters = False
+        self._active_adapter = []
+        self.merged_adapters: list[str] = []
+        self._routing: dict[str, RoutingState] = {}
+        self.__dict__["_context"] = context  # the model's RoutingContext: a plain reference, not a submodule
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: MiLoRAConfig,
+        expert_names: list[str],
+        active_adapters: list[str],
+        inference_mode: bool = False,
+    ) -> None:
+        """Create (or replace) the router of ``adapter_name`` for the block's experts ``expert_names``."""
+        num_experts, d = len(expert_names), self.hidden_size
+        if config.top_k > num_experts:
+            raise ValueError(
+                f"`top_k`={config.top_k} is larger than the number of experts in this block ({num_experts}: "
+                f"{list(expert_names)}). Lower top_k or target more modules."
+            )
+        self.top_k[adapter_name] = config.top_k
+        self.pooler[adapter_name] = config.pooler
+        self.activation[adapter_name] = config.activation
+        self.expert_names[adapter_name] = tuple(expert_names)
+        self.router_aux_loss_coef[adapter_name] = config.router_aux_loss_coef
+        self.milora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, d))
+        if config.pooler == "attention":
+            self.milora_pool_query[adapter_name] = nn.Parameter(torch.empty(d))
+        if config.activation == "rational":
+            m, n = config.rational_order
+            self.milora_rational_num[adapter_name] = nn.Parameter(torch.empty(m + 1))
+            self.milora_rational_den[adapter_name] = nn.Parameter(torch.empty(n))
+        self.reset_router_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        trainable = adapter_name in active_adapters and not inference_mode
+        for attr in self.adapter_layer_names:
+            if adapter_name in getattr(self, attr):
+                getattr(self, attr)[adapter_name].requires_grad_(trainable)
+        if not self._active_adapter:
+            self._active_adapter = list(active_adapters)
+
+    @torch.no_grad()
+    def reset_router_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """Router ~ N(0, 0.02) (random 1/sqrt(d) with ``init_weights=False``), pool query 0 (= mean pooling at
+        the start), rational coefficients = the GeLU fit of :func:`~loramix.milora.functional.rational_gelu_init`."""
+        router = self.milora_router[adapter_name]
+        std = 0.02 if init_weights else 1.0 / math.sqrt(self.hidden_size)
+        nn.init.normal_(router, std=std)
+        if adapter_name in self.milora_pool_query:
+            query = self.milora_pool_query[adapter_name]
+            nn.init.zeros_(query) if init_weights else nn.init.normal_(query, std=1.0 / math.sqrt(self.hidden_size))
+        if adapter_name in self.milora_rational_num:
+            num = self.milora_rational_num[adapter_name]
+            den = self.milora_rational_den[adapter_name]
+            a, b = F_milora.rational_gelu_init(num.shape[0] - 1, den.shape[0])
+            num.copy_(torch.tensor(a, dtype=num.dtype, device=num.device))
+            den.copy_(torch.tensor(b, dtype=den.dtype, device=den.device))
+
+    def route(self, adapter_name: str, hidden: torch.Tensor, mask: torch.Tensor | None) -> RoutingState:
+        """The routing of ``adapter_name`` for hidden states ``(B, T, d)`` pooled over ``mask`` (B, T).
+
+        Runs in float32 with autocast off: the rational activation evaluates x^6, and float16 logits of
+        large hidden states overflow.
+        """
+        if hidden.dim() != 3:
+            raise ValueError(
+                f"MiLoRA routers expect block inputs of shape (batch, seq, hidden), got {tuple(hidden.shape)}."
+            )
+        name = adapter_name
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h = hidden.float()
+            query = self.milora_pool_query[name].float() if name in self.milora_pool_query else None
+            pooled = F_milora.pool(h, mask, self.pooler[name], query)
+            if self.activation[name] == "rational":
+                num, den = self.milora_rational_num[name].float(), self.milora_rational_den[name].float()
+                pooled = F_milora.rational(pooled, num, den)
+            else:
+                pooled = F_milora.activate(pooled, self.activation[name])
+            logits = torch.nn.functional.linear(pooled, self.milora_router[name].float())
+            probs = torch.softmax(logits, dim=-1)
+            gates, selected = F_milora.top_k_gates(probs, self.top_k[name])
+        return RoutingState(logits, probs, gates, selected)
+
+    def routing(self, adapter_name: str) -> RoutingState | None:
+        """The routing of ``adapter_name`` computed by the latest routed forward (``None`` before any)."""
+        return self._routing.get(adapter_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        context = self.__dict__.get("_context")
+        if self.disable_adapters or context is None:
+            return result
+        names = [name for name in self.active_adapters if name in self.milora_router]
+        if context.reuse:  # a decoding step: the experts keep the routing of the prompt
+            for name in names:
+                state = self._routing.get(name)
+                if state is None or state.epoch != context.epoch or state.batch_size != x.shape[0]:
+                    raise RuntimeError(
+                        f"MiLoRA: no routing of adapter '{name}' for this cached sequence (the adapter was set, enabled "
+                        "or added after the prompt was processed). Run the prompt again without a cache."
+                    )
+            return result
+        mask = context.mask_for(x)
+        for name in names:
+            state = self.route(name, x, mask)
+            state.epoch = context.epoch
+            self._routing[name] = state
+            if context.recording:
+                context.records.append((self, name, state))
+            result = self._attach_pending_aux(context, name, state, result)
+        return result
+
+    def _attach_pending_aux(self, context, name: str, state: RoutingState, result: torch.Tensor) -> torch.Tensor:
+        """Reentrant activation checkpointing: hand the balance loss's gradient to the recomputed routing."""
+        pending = context.pending_aux.get((id(self), name))
+        if pending is None or not (torch.is_grad_enabled() and state.probs.requires_grad):
+            return result
+        if state.probs.shape != pending.shape:
+            return result
+        from ..mor._checkpointing import AuxGradInjector
+
+        del context.pending_aux[(id(self), name)]
+        return AuxGradInjector.apply(result, pending.term_fn(state.probs), pending)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._routing.pop(adapter_name, None)
+
+    def __repr__(self) -> str:
+        return "milora.router." + super().__repr__()
+
+
+class Linear(nn.Module, MiLoRATunerLayer):
+    """An ``nn.Linear`` that is one expert of its block: ``o = W x + b + Σ_active w(prompt) · Δ(x)``.
+
+    ``Δ`` is ``(lora_alpha / r) · B A x`` (``milora_A``: r x d_in, ``milora_B``: d_out x r), or the DoRA
+    update with magnitude ``milora_magnitude`` (d_out) for MiDoRA. ``w`` is the router weight of the
+    sequence for this expert (0 when not selected). Rows that did not select the expert cost nothing;
+    if no row did, the expert is skipped entirely.
+    """
+
+    adapter_layer_names = ("milora_A", "milora_B", "milora_magnitude")
+    other_param_names = ("r", "lora_alpha", "scaling", "milora_dropout", "expert_index")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MiLoRAConfig, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.expert_index: dict[str, int] = {}
+        self.milora_dropout = nn.ModuleDict({})
+        self.milora_A = nn.ParameterDict({})
+        self.milora_B = nn.ParameterDict({})
+        self.milora_magnitude = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self.__dict__["_router"] = None  # the block's MiLoRARouter: a plain reference, not a submodule
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MiLoRA can only adapt torch.nn.Linear layers, got {type(base).__name__}.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def update_layer(self, adapter_name: str, config: MiLoRAConfig, inference_mode: bool = False) -> None:
+        """Create (or replace) the expert of ``adapter_name`` from ``config``."""
+        r = config.r
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.scaling
+        self.milora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        self.milora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        self.milora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
+        if config.use_dora:
+            self.milora_magnitude[adapter_name] = nn.Parameter(torch.empty(self.out_features))
+        self.reset_expert_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_expert_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """A kaiming-uniform (as PEFT's LoRA), B zero (random with ``init_weights=False``); DoRA magnitude =
+        ``||W + s·BA||`` per row (PEFT's DoRA init, so a fresh MiDoRA expert is a no-op too)."""
+        lora_A, lora_B = self.milora_A[adapter_name], self.milora_B[adapter_name]
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(lora_B)
+        else:
+            nn.init.normal_(lora_B, std=0.1)
+        if adapter_name in self.milora_magnitude:
+            magnitude = self.milora_magnitude[adapter_name]
+            weight = self.get_base_layer().weight
+            if weight.device.type == "meta" or magnitude.device.type == "meta":
+                return
+            norm = F_milora.dora_weight_norm(weight.to(lora_A.device), lora_A, lora_B, self.scaling[adapter_name])
+            if not init_weights:
+                norm = norm * (1.0 + 0.2 * torch.randn_like(norm))
+            magnitude.copy_(norm.to(magnitude.dtype))
+
+    def bind(self, adapter_name: str, router: MiLoRARouter, index: int) -> None:
+        """Make this layer expert ``index`` of ``router`` for ``adapter_name``."""
+        self.__dict__["_router"] = router
+        self.expert_index[adapter_name] = index
+
+    def _plan(self, name: str, x: torch.Tensor):
+        router = self.__dict__.get("_router")
+        state = router.routing(name) if router is not None else None
+        if state is None:
+            raise RuntimeError(
+                f"MiLoRA expert (adapter '{name}') ran before its block's router chose the experts. MiLoRA experts "
+                "must be called inside their transformer block, after the block's router "
+                f"({'input_layernorm' if router is None else 'its router_anchor'})."
+            )
+        if state.batch_size != x.shape[0]:
+            raise RuntimeError(
+                f"MiLoRA: the router chose experts for a batch of {state.batch_size} prompts, but this layer got a "
+                f"batch of {x.shape[0]}."
+            )
+        return state.plan(self.expert_index[name])
+
+    def _dora_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + s·BA||`` per row; cached in inference (no grad) until a weight changes (decoding steps)."""
+        lora_A, lora_B = self.milora_A[name], self.milora_B[name]
+        if self.training or torch.is_grad_enabled():
+            return F_milora.dora_weight_norm(weight, lora_A, lora_B, self.scaling[name])
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, lora_A, lora_B))
+        cached = self._dora_norms.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, F_milora.dora_weight_norm(weight, lora_A, lora_B, self.scaling[name]))
+            self._dora_norms[name] = cached
+        return cached[1]
+
+    def _expert_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The expert's update ``Δ`` for inputs ``x`` (already cast to the adapter dtype) and ``W x + b``."""
+        lora_A, lora_B, scaling = self.milora_A[name], self.milora_B[name], self.scaling[name]
+        dropout = self.milora_dropout[name]
+        if name not in self.milora_magnitude:
+            return F_milora.lora_update(dropout(x), lora_A, lora_B, scaling)
+        base = self.get_base_layer()
+        if isinstance(dropout, nn.Identity) or not self.training:
+            plain = base_out if base.bias is None else base_out - base.bias
+            plain = plain.to(x.dtype)
+        else:  # as PEFT: with active dropout, W x is recomputed on the dropped-out input
+            x = dropout(x)
+            plain = torch.nn.functional.linear(x, base.weight.to(x.dtype))
+        norm = self._dora_norm(name, base.weight)
+        return F_milora.dora_update(x, plain, lora_A, lora_B, self.milora_magnitude[name], norm, scaling)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.milora_A:
+                continue
+            plan = self._plan(name, x)
+            if plan is None:  # no sequence of the batch selected this expert
+                continue
+            rows, gate = plan
+            x_in = self._cast_input_dtype(x, self.milora_A[name].dtype)
+            base_out = result
+            if rows is not None:  # only the rows that selected it
+                x_in, base_out = x_in.index_select(0, rows), result.index_select(0, rows)
+            delta = self._expert_delta(name, x_in, base_out)
+            delta = (delta * gate.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))).to(result.dtype)
+            result = result + delta if rows is None else result.index_add(0, rows, delta)
+        return result
+
+    def __repr__(self) -> str:
+        return "milora." + super().__repr__()

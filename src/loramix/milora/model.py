@@ -1,0 +1,267 @@
+"""MiLoRA tuner: LoRA experts on a block's projections plus one prompt-aware router per block.
+
+Zhang et al., "MiLoRA: Efficient Mixture of Low-Rank Adaptation for Large Language Models
+Fine-tuning", arXiv 2410.18035 (EMNLP Findings 2024) — not the "minor singular components" MiLoRA
+of arXiv 2406.09044.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
+from peft.utils.integrations import init_empty_weights
+from torch import nn
+
+from .._tuner import LoramixTunerMixin
+from ..constants import TRANSFORMERS_MODELS_TO_BLOCK_TARGET_MODULES, TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR
+from .config import MiLoRAConfig
+from .layer import Linear, MiLoRARouter, MiLoRATunerLayer
+from .routing import CONTEXT_ATTR, install_routing_hooks, remove_routing_hooks
+
+MERGE_ERROR = (
+    "MiLoRA adapters cannot be merged: the router selects the experts of every block per prompt, so no single "
+    "weight matrix reproduces the adapter for all prompts. Keep the adapter unmerged (routing costs one router call "
+    "per block per prompt), or use `unload()` to get the base model back without the adapter."
+)
+
+
+def _block_of(model: nn.Module, key: str, anchor: str) -> str | None:
+    """The name of the innermost ancestor of module ``key`` that has a child named ``anchor``."""
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        name = ".".join(parts[:depth])
+        if anchor in model.get_submodule(name)._modules:
+            return name
+    return None
+
+
+class MiLoRAModel(LoramixTunerMixin, BaseTuner):
+    """Creates a MiLoRA model from a transformers model (Zhang et al., arXiv 2410.18035).
+
+    Use it through PEFT: ``get_peft_model(model, MiLoRAConfig(...))``. Every targeted linear layer
+    becomes a LoRA expert (:class:`~loramix.milora.layer.Linear`); the module named ``router_anchor``
+    of each block that holds experts (LLaMA: ``input_layernorm``) is wrapped by the block's router
+    (:class:`~loramix.milora.layer.MiLoRARouter`). Hooks on the model (:mod:`loramix.milora.routing`)
+    decide when to route and on which tokens, and add the balance loss:
+
+    * a forward without a KV cache, or with a cache it did not produce, routes on its input: the
+      tokens of ``prompt_mask`` if given, else the attended tokens labelled -100 if ``labels`` are
+      given, else all attended tokens — padding never enters a pool;
+    * a forward with the non-empty cache of the latest routed forward (every decoding step of
+      ``generate``) reuses that routing; the router is not called;
+    * ``outputs.aux_loss`` (Switch loss, mean over blocks) and ``outputs.router_logits`` (one (B, N)
+      tensor per block) are set whenever routing ran; ``router_aux_loss_coef · aux_loss`` is added to
+      ``outputs.loss`` when labels are given in training mode.
+
+    ``merge_and_unload()`` raises (a per-prompt router cannot be merged); ``unload()`` works.
+    """
+
+    prefix: str = "milora_"
+    tuner_layer_cls = MiLoRATunerLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_BLOCK_TARGET_MODULES
+
+    # ------------------------------------------------------------------------------------------------------------
+    # injection
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _prepare_adapter_config(self, peft_config: MiLoRAConfig, model_config: dict) -> MiLoRAConfig:
+        model_type = model_config.get("model_type")
+        if peft_config.target_modules is None:
+            if model_type not in self.target_module_mapping:
+                linear_names = sorted(
+                    {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+                )
+                raise ValueError(
+                    f"MiLoRAConfig.target_modules is not set and loramix has no default block projections for "
+                    f"model_type={model_type!r}. Set `target_modules` to the nn.Linear names of a transformer block; "
+                    f"this model's linear layers are named: {linear_names}."
+                )
+            peft_config.target_modules = set(self.target_module_mapping[model_type])
+        if peft_config.router_anchor is None:
+            if model_type not in TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR:
+                raise ValueError(
+                    f"MiLoRAConfig.router_anchor is not set and loramix knows no router position for "
+                    f"model_type={model_type!r}. Set `router_anchor` to the name of the module of every block whose "
+                    "input is the block's input hidden states and that runs before the block's projections (LLaMA: "
+                    "'input_layernorm'). Post-norm architectures have none and are not supported."
+                )
+            peft_config.router_anchor = TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR[model_type]
+        return peft_config
+
+    def _prepare_model(self, peft_config: MiLoRAConfig, model: nn.Module) -> None:
+        """Check, before anything is replaced, that every block can be routed (errors name the field)."""
+        _maybe_include_all_linear_layers(peft_config, model)  # resolve "all-linear" now (PEFT does it later)
+        inside = [key + "." for key, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+        targets = [
+            key
+            for key, _ in model.named_modules()
+            if key and not any(key.startswith(p) for p in inside) and check_target_module_exists(peft_config, key)
+        ]
+        if targets:
+            self._group_by_block(model, targets, peft_config, check=True)
+
+    def _group_by_block(self, model, keys, config: MiLoRAConfig, check: bool = False) -> OrderedDict:
+        anchor = config.router_anchor
+        blocks: OrderedDict[str, list[str]] = OrderedDict()
+        for key in keys:
+            block = _block_of(model, key, anchor)
+            if block is None:
+                raise ValueError(
+                    f"`target_modules` matches '{key}', which is not inside a transformer block (no enclosing module "
+                    f"has a child named `router_anchor`={anchor!r}). MiLoRA experts must be projections of a block."
+                )
+            anchor_key = f"{block}.{anchor}" if block else anchor
+            if key == anchor_key or key.startswith(anchor_key + "."):
+                raise ValueError(
+                    f"`target_modules` matches '{key}', which is (inside) the router anchor `router_anchor`={anchor!r}."
+                )
+            blocks.setdefault(block, []).append(key)
+        if check:
+            for block, members in blocks.items():
+                if config.top_k > len(members):
+                    raise ValueError(
+                        f"`top_k`={config.top_k} is larger than the number of experts ({len(members)}) in block "
+                        f"'{block}': {[m[len(block) + 1 :] for m in members]}. Lower top_k or target more modules."
+                    )
+            if config.layers_to_transform is not None:
+                wanted = config.layers_to_transform
+                wanted = [wanted] if isinstance(wanted, int) else wanted
+                found = {int(b.rsplit(".", 1)[-1]) for b in blocks if b.rsplit(".", 1)[-1].isdigit()}
+                missing = sorted(set(wanted) - found)
+                if missing:
+                    raise ValueError(
+                        f"`layers_to_transform` lists layer(s) {missing} that have no targeted module (blocks with "
+                        f"experts: {sorted(found)}); a MiLoRA router needs at least `top_k` experts in its block."
+                    )
+        return blocks
+
+    def _create_and_replace(
+        self,
+        peft_config: MiLoRAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        if isinstance(target, Linear):
+            target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
+            return
+        if isinstance(target, MiLoRARouter) or target_name == peft_config.router_anchor:
+            return  # a router key in a loaded state dict: routers are attached in inject_adapter
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"MiLoRA can only adapt torch.nn.Linear layers, but target module '{current_key}' is a "
+                f"{type(base).__name__}. Remove it from `target_modules`."
+            )
+        new_module = Linear(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        context = install_routing_hooks(model)
+        with init_empty_weights() if low_cpu_mem_usage else nullcontext():
+            self._attach_routers(model, adapter_name, context)
+
+    def _attach_routers(self, model: nn.Module, adapter_name: str, context) -> None:
+        """Wrap the anchor of every block holding experts of ``adapter_name`` with the block's router."""
+        config = self.peft_config[adapter_name]
+        experts = {
+            key: module
+            for key, module in model.named_modules()
+            if isinstance(module, Linear) and adapter_name in module.milora_A
+        }
+        hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+        for block, keys in self._group_by_block(model, list(experts), config).items():
+            block_module = model.get_submodule(block)
+            anchor = block_module._modules[config.router_anchor]
+            names = [key[len(block) + 1 :] if block else key for key in keys]
+            if not isinstance(anchor, MiLoRARouter):
+                weight = getattr(anchor, "weight", None)
+                size = weight.shape[-1] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else hidden_size
+                if size is None:
+                    raise ValueError(f"MiLoRA cannot tell the hidden size of block '{block}' for its router.")
+                router = MiLoRARouter(anchor, size, context)
+                setattr(block_module, config.router_anchor, router)
+                anchor = router
+            anchor.update_layer(adapter_name, config, names, self.active_adapters, config.inference_mode)
+            if anchor.milora_router[adapter_name].device.type != "meta":
+                device = experts[keys[0]].milora_A[adapter_name].device
+                for attr in anchor.adapter_layer_names:
+                    if adapter_name in getattr(anchor, attr):
+                        container = getattr(anchor, attr)
+                        container[adapter_name] = container[adapter_name].to(device)
+            for index, key in enumerate(keys):
+                experts[key].bind(adapter_name, anchor, index)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # merging, unloading, generation
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            raise ValueError(MERGE_ERROR)
+        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        remove_routing_hooks(model)
+        return model
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """``model.generate``, routing on the prompt even with ``use_cache=False``.
+
+        With the KV cache (the default) the routing of the prefill is reused by every decoding step
+        anyway; without it each step re-runs the whole sequence, and this makes those steps pool over
+        the prompt tokens only, so both give the same tokens.
+        """
+        context = self.model.__dict__.get(CONTEXT_ATTR)
+        prompt = kwargs.get("input_ids", args[0] if args else None)
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        if context is None or not isinstance(prompt, torch.Tensor):
+            return self.model.generate(*args, **kwargs)
+        previous, context.prompt_len = context.prompt_len, prompt.shape[1]
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            context.prompt_len = previous
+
+    def routing(self, adapter_name: str | None = None) -> dict[str, Any]:
+        """The latest routing per block: ``{block_name: RoutingState}`` for ``adapter_name`` (default: active).
+
+        Each state has ``logits``, ``probs``, ``gates`` (router weights, 0 for unselected experts) and
+        ``selected``, all ``(batch, N)``, in the order of ``router.expert_names[adapter_name]``.
+        """
+        name = adapter_name or self.active_adapters[0]
+        result = {}
+        for key, module in self.model.named_modules():
+            if isinstance(module, MiLoRARouter) and module.routing(name) is not None:
+                result[key.rsplit(".", 1)[0]] = module.routing(name)
+        return result
