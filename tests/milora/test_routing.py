@@ -1,0 +1,218 @@
+"""When and on which tokens MiLoRA routes: reference router, padding, prompt-only pools, KV-cache reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramix.milora.layer import MiLoRARouter
+from loramix.milora.routing import build_pool_mask
+from tests.milora.common import (
+    experts,
+    left_pad,
+    logits,
+    milora_model,
+    probabilities,
+    random_tokens,
+    right_pad,
+    routers,
+    selections,
+)
+from tests.milora.reference import expert_reference, router_reference
+
+
+def capture_inputs(modules):
+    """Record the first positional input of each module on every call."""
+    seen, handles = {}, []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0])))
+    return seen, handles
+
+
+@pytest.mark.parametrize("pooler", ["attention", "mean", "last", "max"])
+def test_routers_of_a_real_model_match_the_reference(pooler):
+    model = milora_model(pooler=pooler).eval()
+    ids, mask = left_pad([random_tokens(9, 1), random_tokens(5, 2), random_tokens(7, 3)])
+    seen, handles = capture_inputs(routers(model))
+    logits(model, input_ids=ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    for name, router in routers(model).items():
+        params = {
+            attr: getattr(router, attr)["default"].detach()
+            for attr in router.adapter_layer_names
+            if "default" in getattr(router, attr)
+        }
+        probs, gates = router_reference(
+            seen[name], mask, pooler, params.get("milora_pool_query"), "rational", params["milora_router"], 2,
+            params["milora_rational_num"], params["milora_rational_den"],
+        )  # fmt: skip
+        state = router.routing("default")
+        assert torch.allclose(state.probs.double(), probs, atol=1e-5)
+        assert torch.allclose(state.gates.double(), gates, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_experts_add_their_gated_update_to_the_selected_rows_only(use_dora):
+    model = milora_model(use_dora=use_dora).eval()
+    ids, mask = right_pad([random_tokens(6, 4), random_tokens(6, 5), random_tokens(4, 6), random_tokens(5, 7)])
+    layer_experts = {n: e for n, e in experts(model).items() if ".layers.1." in n}
+    seen, handles = capture_inputs(layer_experts)
+    outputs = {}
+    handles += [
+        e.register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, o)) for n, e in layer_experts.items()
+    ]
+    logits(model, input_ids=ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    gates = routers(model)["base_model.model.model.layers.1.input_layernorm"].routing("default").gates
+    assert 0 < int((gates > 0).any(0).sum()) and bool((gates > 0).sum(0).lt(4).any())  # some experts for some rows
+    for name, expert in layer_experts.items():
+        base = expert.get_base_layer()
+        index = expert.expert_index["default"]
+        magnitude = expert.milora_magnitude["default"].detach() if use_dora else None
+        for row in range(ids.shape[0]):
+            expected = expert_reference(
+                seen[name][row], base.weight, base.bias, expert.milora_A["default"].detach(),
+                expert.milora_B["default"].detach(), expert.scaling["default"], float(gates[row, index]), magnitude,
+            )  # fmt: skip
+            assert torch.allclose(outputs[name][row].double(), expected, atol=1e-5), (name, row)
+
+
+@pytest.mark.parametrize("pad", ["left", "right"])
+def test_each_sequence_of_a_padded_batch_is_routed_and_computed_as_alone(pad):
+    model = milora_model().eval()
+    sequences = [random_tokens(9, 1), random_tokens(4, 2), random_tokens(7, 3)]
+    ids, mask = (left_pad if pad == "left" else right_pad)(sequences)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # what generate passes with left padding
+    batch_logits = logits(model, input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    batch_routing = selections(model)
+    batch_probs = probabilities(model)
+    assert any(len({tuple(s.tolist()) for s in sel}) > 1 for sel in batch_routing.values())  # rows differ
+    for row, sequence in enumerate(sequences):
+        alone = logits(model, input_ids=sequence.unsqueeze(0))[0]
+        positions = mask[row].bool()
+        assert torch.allclose(batch_logits[row, positions], alone, atol=1e-5)
+        for name, selected in selections(model).items():
+            assert torch.equal(batch_routing[name][row], selected[0])
+            assert torch.allclose(batch_probs[name][row], probabilities(model)[name][0], atol=1e-6)
+
+
+def greedy_without_cache(model, input_ids, attention_mask, steps):
+    """Recompute the whole sequence at every step, with the routers pooling over the prompt only."""
+    prompt_length = input_ids.shape[1]
+    ids, mask = input_ids, attention_mask
+    for _ in range(steps):
+        prompt_mask = torch.zeros_like(ids)
+        prompt_mask[:, :prompt_length] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        step_logits = logits(
+            model,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            prompt_mask=prompt_mask,
+            use_cache=False,
+        )
+        ids = torch.cat([ids, step_logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def test_greedy_generate_with_cache_equals_recomputation_routed_on_the_prompt():
+    model = milora_model().eval()
+    ids, mask = left_pad([random_tokens(7, 11), random_tokens(4, 12)])
+    with_cache = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(with_cache, greedy_without_cache(model, ids, mask, 20))
+    without_cache = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, use_cache=False
+    )
+    assert torch.equal(without_cache, with_cache)
+
+
+def test_router_runs_once_per_block_per_prompt(monkeypatch):
+    model = milora_model().eval()
+    calls: dict[int, int] = {}
+    original = MiLoRARouter.route
+
+    def counted(self, *args, **kwargs):
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MiLoRARouter, "route", counted)
+    blocks = [id(r) for r in routers(model).values()]
+    prompt = random_tokens((1, 6), 3)
+    tokens = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False
+    )
+    assert tokens.shape[1] == 6 + 20 and calls == {b: 1 for b in blocks}  # 20 tokens, one routing per block
+    model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+    assert calls == {b: 2 for b in blocks}  # a new generate call routes again
+    with torch.no_grad():
+        out = model(input_ids=prompt)  # a forward without cache routes
+        assert calls == {b: 3 for b in blocks}
+        model(input_ids=tokens[:, 6:7], past_key_values=out.past_key_values)  # continuing that cache reuses it
+        assert calls == {b: 3 for b in blocks}
+        model(input_ids=tokens[:, 6:8], use_cache=False)  # a new forward without cache routes again
+        assert calls == {b: 4 for b in blocks}
+
+
+def test_a_replaced_routing_refuses_its_old_cache():
+    model = milora_model().eval()
+    with torch.no_grad():
+        first = model(input_ids=random_tokens((1, 5), 1)).past_key_values
+        second = model(input_ids=random_tokens((1, 5), 2)).past_key_values
+        model(input_ids=random_tokens((1, 1), 3), past_key_values=second)
+        with pytest.raises(RuntimeError, match="routed for an earlier prompt"):
+            model(input_ids=random_tokens((1, 1), 3), past_key_values=first)
+
+
+def test_training_routes_on_the_prompt_marked_by_labels():
+    model = milora_model()
+    prompts, answers = [random_tokens(6, 1), random_tokens(4, 2)], [random_tokens(5, 3), random_tokens(7, 4)]
+    ids, mask = right_pad([torch.cat([p, a]) for p, a in zip(prompts, answers, strict=True)])
+    labels = torch.where(mask.bool(), ids, -100)
+    for row, prompt in enumerate(prompts):
+        labels[row, : len(prompt)] = -100
+    model.train()(input_ids=ids, attention_mask=mask, labels=labels)
+    trained = probabilities(model)
+    model.eval()
+    for row, prompt in enumerate(prompts):
+        logits(model, input_ids=prompt.unsqueeze(0))  # what generation sees: the prompt
+        for name, probs in probabilities(model).items():
+            assert torch.allclose(trained[name][row], probs[0], atol=1e-6)
+
+
+def test_prompt_mask_overrides_and_default_pools_all_attended_tokens():
+    model = milora_model().eval()
+    ids = random_tokens((2, 8), 5)
+    prompt_mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    logits(model, input_ids=ids, prompt_mask=prompt_mask, labels=labels)  # prompt_mask wins over labels
+    overridden = probabilities(model)
+    logits(model, input_ids=ids)
+    everything = probabilities(model)
+    for row, length in enumerate([3, 5]):
+        logits(model, input_ids=ids[row : row + 1, :length])
+        for name, probs in probabilities(model).items():
+            assert torch.allclose(overridden[name][row], probs[0], atol=1e-6)
+        logits(model, input_ids=ids[row : row + 1])
+        for name, probs in probabilities(model).items():
+            assert torch.allclose(everything[name][row], probs[0], atol=1e-6)
+
+
+def test_pool_mask_rules():
+    attention = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 3, 4, -100], [7, 8, 9, 1]])
+    pool = build_pool_mask(attention, labels, None, 4)
+    # row 0: attended & -100 -> position 1; row 1: position 0 (position 3 is padding);
+    # row 2: nothing attended -> every position (never an empty pool)
+    assert pool.tolist() == [[False, True, False, False], [True, False, False, False], [True] * 4]
+    no_prompt = build_pool_mask(attention[:2], torch.ones(2, 4, dtype=torch.long), None, 4)
+    assert torch.equal(no_prompt, attention[:2].bool())  # labels without -100: all attended tokens
+    longer = build_pool_mask(torch.ones(2, 6), None, None, 4)  # attention mask covers a cache in front
+    assert longer.shape == (2, 4)
+    assert build_pool_mask(None, None, None, 4) is None
+    with_generate = build_pool_mask(torch.ones(1, 6), None, None, 6, prompt_len=4)
+    assert with_generate.tolist() == [[True] * 4 + [False] * 2]
