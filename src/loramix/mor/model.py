@@ -9,6 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .._outputs import with_aux_loss
 from .._tuner import LoramixTunerMixin
 from ..balance import switch_balance_loss
 from ..constants import TRANSFORMERS_MODELS_TO_FFN_TARGET_MODULES
@@ -130,7 +131,7 @@ class MoRModel(LoramixTunerMixin, BaseTuner):
         if not losses:
             return outputs
         aux_loss = torch.stack(list(losses.values())).mean()
-        outputs["aux_loss"] = aux_loss
+        outputs = with_aux_loss(outputs, aux_loss)  # a real field: DDP and torch.compile rebuild outputs
         if kwargs.get("labels") is not None and outputs.get("loss") is not None:
             outputs["loss"] = outputs["loss"] + sum(coefs[name] * loss for name, loss in losses.items())
         return outputs
