@@ -155,6 +155,7 @@ class RoutingRecorder:
         self._aux_sum: torch.Tensor | None = None
         self._aux_count = 0
         self._handles: list[Any] = []
+        self._last_states: dict[str, Any] = {}
         self.expert_names: list[str] | None = None
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -166,6 +167,8 @@ class RoutingRecorder:
         self._handles.append(self.model.register_forward_hook(self._post_hook, with_kwargs=True))
         if self.method == "mor":
             self._attach_mor()
+        else:
+            self._attach_milora()
         return self
 
     def detach(self) -> None:
@@ -197,8 +200,6 @@ class RoutingRecorder:
             aux = aux.detach().float()
             self._aux_sum = aux if self._aux_sum is None else self._aux_sum + aux
             self._aux_count += 1
-        if self.method == "milora":
-            self._record_milora(outputs)
         self._mask = None
 
     def _attach_mor(self) -> None:
@@ -221,7 +222,7 @@ class RoutingRecorder:
                 with torch.no_grad():
                     x = mod._cast_input_dtype(args[0], mod.mor_A[name].dtype)
                     probs = router_probs(x, mod.mor_router[name], n)
-                self._add(key, probs, k=1, mask=self._mask)
+                self._add(key, probs, mask=self._mask)
 
             self._handles.append(module.register_forward_hook(hook))
             count += 1
@@ -229,34 +230,56 @@ class RoutingRecorder:
             self.detach()
             raise ValueError(f"adapter {name!r} has no learnable MoR router (router='mean' does not route).")
 
-    def _record_milora(self, outputs: Any) -> None:
-        logits = (
-            outputs.get("router_logits") if isinstance(outputs, Mapping) else getattr(outputs, "router_logits", None)
-        )
-        if not logits:
-            return
-        if self.expert_names is None:
-            self.expert_names = _milora_expert_names(self.model, self.adapter_name, len(logits[0][0]))
-        blocks = _milora_block_names(self.model, self.adapter_name, len(logits))
-        k = getattr(self.config, "top_k", 1)
-        for block, block_logits in zip(blocks, logits, strict=True):
-            probs = torch.softmax(block_logits.detach().float(), dim=-1)
-            self._add(block, probs, k=k, mask=None)
+    def _attach_milora(self) -> None:
+        # Hooks on the per-block routers, so that generate() (which bypasses PeftModel.forward) counts too.
+        name = self.adapter_name
+        self.expert_names = _milora_expert_names(self.model, name)
+        base = getattr(self.model, "base_model", self.model)
+        root = getattr(base, "model", base)
+        count = 0
+        for key, module in root.named_modules():
+            names = getattr(module, "expert_names", None)
+            if not (isinstance(names, dict) and name in names and callable(getattr(module, "routing", None))):
+                continue
+            block = key.rsplit(".", 1)[0]
 
-    def _add(self, layer: str, probs: torch.Tensor, k: int, mask: torch.Tensor | None) -> None:
+            def hook(mod, args, output, block=block):
+                state = mod.routing(name)
+                if state is None or not self._active() or self._last_states.get(block) is state:
+                    return  # no routing, or a decoding step reusing its prompt's routing (counted once)
+                self._last_states[block] = state
+                probs = state.probs.detach().float()
+                self._add(block, probs, mask=None, selected=state.selected.detach().to(probs.dtype))
+
+            self._handles.append(module.register_forward_hook(hook))
+            count += 1
+        if not count:
+            self.detach()
+            raise ValueError(f"adapter {name!r} has no MiLoRA router in this model.")
+
+    def _add(
+        self,
+        layer: str,
+        probs: torch.Tensor,
+        mask: torch.Tensor | None,
+        k: int = 1,
+        selected: torch.Tensor | None = None,
+    ) -> None:
         n = probs.shape[-1]
         tasks = self.tasks
         if tasks is not None and probs.dim() == 3:  # (B, T, N): every token of a sequence has its task
             tasks = [t for t in tasks for _ in range(probs.shape[1])]
         flat = probs.reshape(-1, n).float()
+        if selected is None:
+            selected = torch.zeros_like(flat).scatter_(-1, flat.topk(min(k, n), dim=-1).indices, 1.0)
+        selected = selected.reshape(-1, n)
         if mask is not None and mask.numel() == flat.shape[0]:
             keep = mask.reshape(-1).to(device=flat.device, dtype=torch.bool)
-            flat = flat[keep]
+            flat, selected = flat[keep], selected[keep]
             if tasks is not None:
                 tasks = [t for t, kept in zip(tasks, keep.tolist(), strict=True) if kept]
         if tasks is not None and len(tasks) != flat.shape[0]:
             tasks = None  # labels that do not match the rows (e.g. packed batches): overall statistics only
-        selected = torch.zeros_like(flat).scatter_(-1, flat.topk(min(k, n), dim=-1).indices, 1.0)
         self._layers.setdefault(layer, _Accumulator(n)).add(flat, selected, tasks)
 
     # -- results ---------------------------------------------------------------------------------
@@ -286,6 +309,9 @@ class RoutingRecorder:
         result["tasks"] = {task: _group(self._layers, layers, task) for task in dict.fromkeys(task_keys)}
         aux = self.mean_aux_loss()
         result["aux_loss"] = None if aux is None else aux.item()
+        if not result["expert_names"] and self._layers:
+            result["expert_names"] = [f"E{i + 1}" for i in range(next(iter(self._layers.values())).num_experts)]
+            result["num_experts"] = len(result["expert_names"])
         return result
 
 
@@ -301,25 +327,13 @@ def _group(layers: Mapping[str, _Accumulator], names: list[str], key: str) -> di
     }
 
 
-def _milora_block_names(model: nn.Module, adapter_name: str, count: int) -> list[str]:
-    routing = getattr(model, "routing", None) or getattr(getattr(model, "base_model", None), "routing", None)
-    if callable(routing):
-        try:
-            names = list(routing(adapter_name))
-        except Exception:  # noqa: BLE001 - fall back to numbered blocks
-            names = []
-        if len(names) == count:
-            return names
-    return [f"block {i}" for i in range(count)]
-
-
-def _milora_expert_names(model: nn.Module, adapter_name: str, count: int) -> list[str]:
-    base = getattr(model, "base_model", model)
-    config = getattr(base, "peft_config", {}).get(adapter_name)
-    names = getattr(config, "expert_names", None) or getattr(config, "target_modules", None)
-    if names and not isinstance(names, str) and len(names) == count:
-        return list(names)
-    return [f"E{i + 1}" for i in range(count)]
+def _milora_expert_names(model: nn.Module, adapter_name: str) -> list[str]:
+    """The expert (module) names of MiLoRA's routers, e.g. ``["q_proj", ..., "down_proj"]``."""
+    for module in model.modules():
+        names = getattr(module, "expert_names", None)
+        if isinstance(names, dict) and adapter_name in names:
+            return [str(n) for n in names[adapter_name]]
+    return []
 
 
 def router_statistics(
