@@ -41,8 +41,9 @@ def test_empty_batch_behaves_like_the_base_model(method, shape):
     assert adapted == base
 
 
-def test_adapter_layers_accept_zero_tokens(method):
-    model = make(method).eval()
+def test_mor_layers_accept_zero_tokens():
+    """(MiLoRA experts only run inside their block, after its router: the model-level test covers them.)"""
+    model = make("mor").eval()
     layers = [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "in_features")]
     for layer in layers:
         for lead in [(0,), (2, 0), (0, 3)]:

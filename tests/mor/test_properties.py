@@ -57,7 +57,11 @@ def test_layer_equals_reference(case):
         layer.mor_router["default"] if case["router"] == "softmax" else None,
         layer.scaling["default"],
     )
-    error = (out.double() - expected).norm() / expected.norm().clamp_min(1e-12)
+    # Relative to the size of the summands, not of their sum: when W x and the update nearly cancel
+    # (Hypothesis finds such cases, e.g. d_out = 1), rounding error is still bounded by the summands.
+    base_part = x.double() @ base.weight.double().T
+    scale = base_part.norm() + (expected - base_part).norm()
+    error = (out.double() - expected).norm() / scale.clamp_min(1e-12)
     assert error < TOLERANCE[case["dtype"]], (error.item(), case)
 
 
