@@ -409,6 +409,12 @@ def _short(layer: str) -> str:
     return layer
 
 
+def _expert_labels(stats: Mapping[str, Any], count: int) -> list[str]:
+    """Expert names for axes: MiLoRA's ``self_attn.q_proj`` -> ``q_proj``."""
+    names = stats["expert_names"] or [f"E{i + 1}" for i in range(count)]
+    return [str(n).rsplit(".", 1)[-1] for n in names]
+
+
 def plot_routing_heatmap(
     stats: Mapping[str, Any],
     path: str | Path,
@@ -436,8 +442,8 @@ def plot_routing_heatmap(
     import numpy as np
 
     data = np.array([r for _, r in rows], dtype=float)
-    experts = stats["expert_names"] or [f"E{i + 1}" for i in range(data.shape[1])]
-    fig = _figure(1.6 + 0.55 * data.shape[1], 1.4 + 0.18 * data.shape[0])
+    experts = _expert_labels(stats, data.shape[1])
+    fig = _figure(2.6 + 0.6 * data.shape[1], max(3.2, 1.6 + 0.2 * data.shape[0]))
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(data.max()), 1e-9))
     ax.set_xticks(range(len(experts)), experts, rotation=45 if len(max(experts, key=len)) > 3 else 0, ha="right")
@@ -485,7 +491,7 @@ def plot_task_bars(
             raise ValueError(f"layer {layer!r} matches {len(matches)} layers; give an index or a unique name.")
         return values[matches[0]]
 
-    experts = stats["expert_names"] or [f"E{i + 1}" for i in range(stats["num_experts"])]
+    experts = _expert_labels(stats, stats["num_experts"])
     width = 0.8 / len(tasks)
     fig = _figure(max(5.0, 0.45 * len(experts) * max(2, len(tasks)) / 2 + 2), 3.4)
     ax = fig.add_subplot(1, 1, 1)
@@ -496,9 +502,13 @@ def plot_task_bars(
     ax.set_xticks(range(len(experts)), experts)
     ax.set_xlabel("expert" if stats["method"] == "mor" else "LoRA module")
     ax.set_ylabel({"usage": f"share of {stats['unit']}s routed", "mean_prob": "mean router weight"}[value])
-    where = "mean over layers" if layer == "mean" else _short(names[layer] if isinstance(layer, int) else layer)
+    where = (
+        "mean over layers" if layer == "mean" else "layer " + _short(names[layer] if isinstance(layer, int) else layer)
+    )
     ax.set_title(title or f"{_DISPLAY.get(stats['method'], stats['method'])} routing per task ({where})", fontsize=10)
-    ax.legend(fontsize=8, ncols=min(4, len(tasks)))
+    top = max(max(pick(stats["tasks"][task][value])) for task in tasks)
+    ax.set_ylim(0, top * 1.3 if top > 0 else 1)  # room for the legend above the bars
+    ax.legend(fontsize=8, ncols=min(4, len(tasks)), loc="upper center")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
