@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -21,19 +23,40 @@ from tests.milora.common import (
 from tests.milora.reference import expert_reference, router_reference
 
 
+def record(store, name, value) -> None:
+    """Keep the first value seen under ``name`` (returns None: a hook must not replace inputs or outputs)."""
+    store.setdefault(name, value.detach())
+
+
 def capture_inputs(modules):
-    """Record the first positional input of each module on every call."""
+    """Record the first positional input of each module."""
     seen, handles = {}, []
     for name, module in modules.items():
-        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0])))
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: record(seen, name, args[0])))
     return seen, handles
 
 
-@pytest.mark.parametrize("pooler", ["attention", "mean", "last", "max"])
-def test_routers_of_a_real_model_match_the_reference(pooler):
-    model = milora_model(pooler=pooler).eval()
+def capture_router_inputs(model):
+    """What each router pools: its block's input hidden states, after (normalized) or before (residual) the norm."""
+    seen, handles = {"normalized": {}, "residual": {}}, []
+
+    def hook(module, args, output, name):
+        record(seen["residual"], name, args[0])
+        record(seen["normalized"], name, output)
+
+    for name, router in routers(model).items():
+        handles.append(router.register_forward_hook(functools.partial(hook, name=name)))
+    return seen, handles
+
+
+@pytest.mark.parametrize(
+    "pooler, router_input",
+    [("attention", "normalized"), ("mean", "normalized"), ("last", "residual"), ("max", "residual")],
+)
+def test_routers_of_a_real_model_match_the_reference(pooler, router_input):
+    model = milora_model(pooler=pooler, router_input=router_input).eval()
     ids, mask = left_pad([random_tokens(9, 1), random_tokens(5, 2), random_tokens(7, 3)])
-    seen, handles = capture_inputs(routers(model))
+    seen, handles = capture_router_inputs(model)
     logits(model, input_ids=ids, attention_mask=mask)
     for handle in handles:
         handle.remove()
@@ -44,12 +67,13 @@ def test_routers_of_a_real_model_match_the_reference(pooler):
             if "default" in getattr(router, attr)
         }
         probs, gates = router_reference(
-            seen[name], mask, pooler, params.get("milora_pool_query"), "rational", params["milora_router"], 2,
-            params["milora_rational_num"], params["milora_rational_den"],
+            seen[router_input][name], mask, pooler, params.get("milora_pool_query"), "rational",
+            params["milora_router"], 2, params["milora_rational_num"], params["milora_rational_den"],
         )  # fmt: skip
         state = router.routing("default")
         assert torch.allclose(state.probs.double(), probs, atol=1e-5)
         assert torch.allclose(state.gates.double(), gates, atol=1e-5)
+    assert not torch.allclose(seen["normalized"][name], seen["residual"][name])  # the choice matters
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -59,9 +83,7 @@ def test_experts_add_their_gated_update_to_the_selected_rows_only(use_dora):
     layer_experts = {n: e for n, e in experts(model).items() if ".layers.1." in n}
     seen, handles = capture_inputs(layer_experts)
     outputs = {}
-    handles += [
-        e.register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, o)) for n, e in layer_experts.items()
-    ]
+    handles += [e.register_forward_hook(lambda m, a, o, n=n: record(outputs, n, o)) for n, e in layer_experts.items()]
     logits(model, input_ids=ids, attention_mask=mask)
     for handle in handles:
         handle.remove()

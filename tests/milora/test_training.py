@@ -62,7 +62,11 @@ def test_aux_loss_value_and_when_it_is_added():
     model = milora_model(router_aux_loss_coef=coef, pooler="mean", activation="relu").train()
     inputs = batch()
     seen = {}
-    hooks = [r.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach())) for n, r in routers(model).items()]
+
+    def keep(name, value):
+        seen[name] = value.detach()
+
+    hooks = [r.register_forward_hook(lambda m, a, o, n=n: keep(n, o)) for n, r in routers(model).items()]  # normed
     out = model(**inputs)
     for hook in hooks:
         hook.remove()

@@ -14,6 +14,8 @@ from .._registration import extend_peft_type
 from .._validation import check_choice, check_int, check_layers_to_transform, check_number
 from .functional import ACTIVATIONS, POOLERS
 
+ROUTER_INPUTS = ("normalized", "residual")
+
 
 @dataclass
 class MiLoRAConfig(LoramixConfig):
@@ -66,6 +68,18 @@ class MiLoRAConfig(LoramixConfig):
                 "How the router summarises the prompt's hidden states: 'attention' (learnable self-attention pooling, "
                 "paper Appendix C; starts as mean pooling), 'mean', 'last' (last prompt token), 'max'. Padding never "
                 "enters a pool."
+            )
+        },
+    )
+    router_input: Literal["normalized", "residual"] = field(
+        default="normalized",
+        metadata={
+            "help": (
+                "What the router pools: 'normalized', the block's input hidden states after the block's input norm "
+                "(the output of `router_anchor`, what the block's projections see); or 'residual', the raw residual "
+                "stream entering the block (the paper's H^l read literally). Real LLMs carry massive activations in "
+                "the residual stream (up to ~2.5e4 in SmolLM2-135M) that saturate the router softmax, so the default "
+                "is 'normalized'."
             )
         },
     )
@@ -129,6 +143,7 @@ class MiLoRAConfig(LoramixConfig):
         check_int("top_k", self.top_k, 1)
         check_choice("pooler", self.pooler, POOLERS)
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("router_input", self.router_input, ROUTER_INPUTS)
         if not isinstance(self.rational_order, (list, tuple)) or len(self.rational_order) != 2:
             raise ValueError(f"`rational_order` must be a pair (m, n), got {self.rational_order!r}.")
         check_int("rational_order", self.rational_order[0], 1)

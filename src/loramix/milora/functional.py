@@ -2,14 +2,15 @@
 
 Router of one transformer block (paper Eq. 2-3 and Appendix C), for a batch of prompts::
 
-    h      = Pooler(H)                  # (B, d) from the block's input hidden states H (B, T, d)
+    h      = Pooler(H)                  # (B, d) from the block's input hidden states H (B, T, d), normalized
     logits = g(h) W_r^T                 # (B, N): g = rational / gelu / relu / identity
     p      = softmax(logits)            # (B, N)
     w      = Top-k(p)                   # p_i for the k largest, 0 elsewhere (not renormalised)
 
-Expert ``i`` of the block (an ordinary LoRA, or DoRA for MiDoRA) then adds ``w_i · Δ_i(x)`` to its
-linear layer's output for every token of that sequence. The float64 references these must equal
-live in ``tests/milora/reference.py``.
+``H`` is taken after the block's input norm by default (``MiLoRAConfig.router_input``). Expert ``i``
+of the block (an ordinary LoRA, or DoRA for MiDoRA) then adds ``w_i · Δ_i(x)`` to its linear layer's
+output for every token of that sequence. The float64 references these must equal live in
+``tests/milora/reference.py``.
 
 Not to be confused with the "minor singular components" MiLoRA (arXiv 2406.09044).
 """

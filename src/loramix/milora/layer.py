@@ -40,15 +40,16 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
 
     Its input is the block's input hidden states ``H`` (B, T, d). Unless the current forward is a
     decoding step that reuses the routing of the prompt, it computes, for each active adapter,
-    ``Top-k(softmax(g(Pooler(H)) W_r))`` over the tokens of the routing context's pool mask and keeps
-    it for the block's experts; then it returns ``base_layer(H)`` unchanged.
+    ``Top-k(softmax(g(Pooler(H')) W_r))`` over the tokens of the routing context's pool mask and keeps
+    it for the block's experts; then it returns ``base_layer(H)`` unchanged. ``H'`` is ``base_layer(H)``
+    (``router_input="normalized"``, the default) or ``H`` itself (``"residual"``).
 
     Parameters per adapter: ``milora_router`` (N x d), ``milora_pool_query`` (d; attention pooler
     only), ``milora_rational_num`` (m+1) and ``milora_rational_den`` (n) (rational activation only).
     """
 
     adapter_layer_names = ("milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
-    other_param_names = ("top_k", "pooler", "activation", "expert_names", "router_aux_loss_coef")
+    other_param_names = ("top_k", "pooler", "activation", "router_input", "expert_names", "router_aux_loss_coef")
 
     def __init__(self, base_layer: nn.Module, hidden_size: int, context: Any = None) -> None:
         super().__init__()
@@ -57,6 +58,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
         self.top_k: dict[str, int] = {}
         self.pooler: dict[str, str] = {}
         self.activation: dict[str, str] = {}
+        self.router_input: dict[str, str] = {}
         self.expert_names: dict[str, tuple[str, ...]] = {}
         self.router_aux_loss_coef: dict[str, float] = {}
         self.milora_router = nn.ParameterDict({})
@@ -87,6 +89,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
         self.top_k[adapter_name] = config.top_k
         self.pooler[adapter_name] = config.pooler
         self.activation[adapter_name] = config.activation
+        self.router_input[adapter_name] = config.router_input
         self.expert_names[adapter_name] = tuple(expert_names)
         self.router_aux_loss_coef[adapter_name] = config.router_aux_loss_coef
         self.milora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, d))
@@ -168,7 +171,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
             return result
         mask = context.mask_for(x)
         for name in names:
-            state = self.route(name, x, mask)
+            state = self.route(name, result if self.router_input[name] == "normalized" else x, mask)
             state.epoch = context.epoch
             self._routing[name] = state
             if context.recording:
