@@ -209,10 +209,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
         use_cpu=use_cpu,
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # only when asked: the argument is renamed activation_checkpointing in transformers 5 (old name warns)
+        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, data_collator=Collator(pad_id))
     add_router_stats_callback(trainer)  # logs aux_loss, router_entropy, router_balance
