@@ -130,3 +130,22 @@ def test_a_failed_load_leaves_the_model_untouched(adapter_dir, input_ids):
 def test_a_config_saved_alone_still_loads(tmp_path):
     MoRConfig(r=2, num_experts=2).save_pretrained(tmp_path)
     assert MoRConfig.from_pretrained(tmp_path).num_experts == 2
+
+
+def test_transformers_load_adapter_is_strict_too(adapter_dir, input_ids):
+    """transformers' own loader only prints a report for missing tensors; for loramix adapters it raises."""
+    rewrite_weights(adapter_dir, lambda t: t.pop("base_model.model.model.layers.0.mlp.gate_proj.mor_A"))
+    model = tiny_llama()
+    expected = model(input_ids=input_ids).logits
+    with pytest.raises(ValueError, match=r"was not loaded.*layers\.0\.mlp\.gate_proj\.mor_A"):
+        model.load_adapter(str(adapter_dir))
+    assert not getattr(model, "peft_config", {})
+    assert not any(".mor_" in name for name in model.state_dict())
+    assert torch.equal(model(input_ids=input_ids).logits, expected)
+
+
+def test_transformers_load_adapter_shape_mismatch_leaves_no_adapter(adapter_dir):
+    model = tiny_llama(intermediate_size=64)
+    with pytest.raises(RuntimeError, match="size mismatch|mismatched"):
+        model.load_adapter(str(adapter_dir))
+    assert not getattr(model, "peft_config", {}) and not any(".mor_" in n for n in model.state_dict())

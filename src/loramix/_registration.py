@@ -7,13 +7,15 @@ So we add real members to the enum (the same thing ``aenum.extend_enum`` does fo
 then call PEFT's public ``register_peft_method``.
 
 It also makes PEFT's adapter-weight writer crash-safe for loramix adapters (see
-``install_atomic_weight_writer``).
+``install_atomic_weight_writer``), and transformers' ``model.load_adapter`` strict for them (see
+``install_strict_transformers_loading``).
 
 Every function here is idempotent: importing (or reloading) loramix twice registers once.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -66,6 +68,7 @@ def register(name: str, config_cls: type, model_cls: type) -> PeftType:
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
     install_atomic_weight_writer()
+    install_strict_transformers_loading()
     return peft_type
 
 
@@ -97,3 +100,53 @@ _atomic_safe_save_file.__wrapped_original__ = _original_safe_save_file
 def install_atomic_weight_writer() -> None:
     """Route ``PeftModel.save_pretrained``'s safetensors writes through :func:`_atomic_safe_save_file`."""
     peft.peft_model.safe_save_file = _atomic_safe_save_file
+
+
+def _strict_load_adapter(original):
+    """Wrap transformers' ``PeftAdapterMixin.load_adapter``: for a loramix adapter, missing or unexpected
+    tensors are an error (and the half-loaded adapter is removed) instead of a printed load report."""
+
+    @functools.wraps(original)
+    def load_adapter(self, *args, **kwargs):
+        from ._config_base import LoramixConfig
+
+        before = set(getattr(self, "peft_config", {}) or {})
+
+        def added() -> list[str]:
+            return [name for name in getattr(self, "peft_config", {}) or {} if name not in before]
+
+        try:
+            info = original(self, *args, **kwargs)
+        except Exception:
+            new = [n for n in added() if isinstance(self.peft_config[n], LoramixConfig)]
+            if new:  # e.g. a shape mismatch: do not leave the injected, unloaded adapter behind
+                self.delete_adapter(new)
+            raise
+        added = added()
+        if info is None or not added or not isinstance(self.peft_config[added[0]], LoramixConfig):
+            return info
+        missing = sorted(getattr(info, "missing_keys", ()) or ())
+        unexpected = sorted(
+            k for k in getattr(info, "unexpected_keys", ()) or () if any(m in f".{k}" for m in LORAMIX_PREFIXES)
+        )
+        if missing or unexpected:
+            self.delete_adapter(added)
+            raise ValueError(
+                f"The adapter checkpoint does not fit this model; adapter {added[0]!r} was not loaded. "
+                f"Missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                f"unexpected tensors: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. It was probably saved "
+                "for another base model, another config, or another method."
+            )
+        return info
+
+    load_adapter.__loramix_original__ = original
+    return load_adapter
+
+
+def install_strict_transformers_loading() -> None:
+    """Make transformers' own ``model.load_adapter(path)`` refuse incomplete loramix adapters."""
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    current = PeftAdapterMixin.load_adapter
+    original = getattr(current, "__loramix_original__", current)
+    PeftAdapterMixin.load_adapter = _strict_load_adapter(original)
