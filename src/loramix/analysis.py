@@ -149,6 +149,7 @@ class RoutingRecorder:
         if self.method not in ("mor", "milora"):
             raise ValueError(f"router statistics are for loramix MoR and MiLoRA adapters, not {self.method!r}.")
         self.training_only = training_only
+        self.record_routing = True  # False: only aux_loss is recorded (the callback's steps in between)
         self.tasks: Sequence[str] | None = None
         self._mask: torch.Tensor | None = None
         self._layers: dict[str, _Accumulator] = {}
@@ -188,8 +189,13 @@ class RoutingRecorder:
             return False
         return self.model.training or not self.training_only
 
+    def _routing_active(self) -> bool:
+        return self.record_routing and self._active()
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:  # forward(input_ids, attention_mask, ...)
+            mask = args[1]
         self._mask = mask if isinstance(mask, torch.Tensor) else None
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
@@ -217,7 +223,7 @@ class RoutingRecorder:
                 continue
 
             def hook(mod, args, output, key=key):
-                if not self._active() or name not in mod.active_adapters or mod.disable_adapters:
+                if not self._routing_active() or name not in mod.active_adapters or mod.disable_adapters:
                     return
                 with torch.no_grad():
                     x = mod._cast_input_dtype(args[0], mod.mor_A[name].dtype)
@@ -245,7 +251,7 @@ class RoutingRecorder:
 
             def hook(mod, args, output, block=block):
                 state = mod.routing(name)
-                if state is None or not self._active() or self._last_states.get(block) is state:
+                if state is None or not self._routing_active() or self._last_states.get(block) is state:
                     return  # no routing, or a decoding step reusing its prompt's routing (counted once)
                 self._last_states[block] = state
                 probs = state.probs.detach().float()

@@ -28,6 +28,7 @@ transformers' MoE models::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -52,16 +53,21 @@ class RouterStatsCallback(TrainerCallback):
 
     With ``per_layer=True`` it also logs ``router_entropy/<layer>`` and ``router_balance/<layer>``.
     Statistics cost one extra router product per adapted layer (no grad), skipped on the forward passes
-    that activation checkpointing re-runs in backward.
+    that activation checkpointing re-runs in backward; ``every_n_steps=n`` gathers them on every n-th
+    optimizer step only (``aux_loss`` is recorded on every step). An adapter without a learnable
+    router (plain LoRA, MoR ``router="mean"``) makes the callback warn once and log nothing.
 
     Reporting integrations (TensorBoard, W&B, ...) see these values only if this callback runs before
     them: use :func:`add_router_stats_callback`, which puts it first. ``trainer.state.log_history`` and
     the console logs always have them.
     """
 
-    def __init__(self, adapter_name: str | None = None, per_layer: bool = False) -> None:
+    def __init__(self, adapter_name: str | None = None, per_layer: bool = False, every_n_steps: int = 1) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
         self.adapter_name = adapter_name
         self.per_layer = per_layer
+        self.every_n_steps = every_n_steps
         self.recorder: RoutingRecorder | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
@@ -69,7 +75,16 @@ class RouterStatsCallback(TrainerCallback):
             return
         if self.recorder is not None:
             self.recorder.detach()
-        self.recorder = RoutingRecorder(model, self.adapter_name, training_only=True).attach()
+        try:
+            self.recorder = RoutingRecorder(model, self.adapter_name, training_only=True).attach()
+        except ValueError as err:  # not a routed loramix adapter (plain LoRA, MoR router="mean", ...)
+            warnings.warn(f"RouterStatsCallback logs nothing: {err}", stacklevel=2)
+            self.recorder = None
+
+    def on_step_begin(self, args, state, control, **kwargs: Any):
+        if self.recorder is not None:
+            # Router statistics only every n-th step (aux_loss always): their cost then vanishes on long runs.
+            self.recorder.record_routing = state.global_step % self.every_n_steps == 0
 
     def on_train_end(self, args, state, control, **kwargs: Any):
         if self.recorder is not None:

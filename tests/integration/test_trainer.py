@@ -121,3 +121,49 @@ def test_resume_from_checkpoint_reaches_the_same_adapter(tmp_path, method):
     assert sum(not torch.equal(final[name], start[name]) for name in expected) > len(expected) // 2
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_router_statistics_every_n_steps(tmp_path, method):
+    trainer = Trainer(
+        model=peft_model(method),
+        args=training_args(tmp_path, max_steps=4),
+        train_dataset=TokenDataset(sequences()),
+        callbacks=[RouterStatsCallback(every_n_steps=2, per_layer=True)],
+    )
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all("aux_loss" in e for e in logs)  # every step
+    assert ["router_entropy" in e for e in logs] == [True, False, True, False]
+    assert any(key.startswith("router_balance/") for key in logs[0])
+
+
+def test_callback_on_a_model_without_routers_warns_and_training_goes_on(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny_models import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["up_proj"], task_type="CAUSAL_LM"))
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=TokenDataset(sequences()),
+        callbacks=[RouterStatsCallback()],
+    )
+    with pytest.warns(UserWarning, match="logs nothing"):
+        trainer.train()
+    assert "aux_loss" not in trainer.state.log_history[0]
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_with_router_aux_loss_does_not_count_twice_with_trainer(tmp_path, method):
+    from loramix.callbacks import with_router_aux_loss
+
+    losses = []
+    for cls in (Trainer, with_router_aux_loss(Trainer)):
+        trainer = cls(
+            model=peft_model(method), args=training_args(tmp_path, max_steps=1), train_dataset=TokenDataset(sequences())
+        )
+        trainer.train()
+        losses.append(trainer.state.log_history[0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
