@@ -4,7 +4,7 @@ Statistics come back as plain data (dicts of lists and floats, JSON-serialisable
 the plots use matplotlib (``pip install loramix[plots]``), imported only when a plot is drawn.
 
 * **MoR** routes every token: each adapted linear layer has its own router ``G(x) = softmax(W_r x)``
-  (MoR paper Eq. 5). A *row* is one (non-padding) token; a *layer* is one adapted module
+  (MoR paper Eq. 11; the mixture is Eq. 15). A *row* is one (non-padding) token; a *layer* is one adapted module
   (``model.layers.3.mlp.gate_proj``); the experts are the N rank experts ``E1 .. EN``.
 * **MiLoRA** routes every prompt: one router per transformer block picks the top-k of the block's
   LoRA modules (MiLoRA paper Eq. 2-3). A row is one prompt, a layer one block, and the experts are

@@ -71,6 +71,7 @@ class RouterStatsCallback(TrainerCallback):
         self.recorder: RoutingRecorder | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
+        """Attach a :class:`~loramix.analysis.RoutingRecorder` to the trainer's model."""
         if model is None:
             return
         if self.recorder is not None:
@@ -82,11 +83,13 @@ class RouterStatsCallback(TrainerCallback):
             self.recorder = None
 
     def on_step_begin(self, args, state, control, **kwargs: Any):
+        """Switch router statistics on for every ``every_n_steps``-th optimizer step."""
         if self.recorder is not None:
             # Router statistics only every n-th step (aux_loss always): their cost then vanishes on long runs.
             self.recorder.record_routing = state.global_step % self.every_n_steps == 0
 
     def on_train_end(self, args, state, control, **kwargs: Any):
+        """Remove the hooks."""
         if self.recorder is not None:
             self.recorder.detach()
 
@@ -112,6 +115,7 @@ class RouterStatsCallback(TrainerCallback):
         return metrics
 
     def on_log(self, args, state, control, logs=None, **kwargs: Any):
+        """Add the metrics since the previous log to ``logs`` and to ``state.log_history``, then reset."""
         # Training logs carry "loss"; evaluation logs carry "eval_loss" and are left alone.
         if self.recorder is None or logs is None or "loss" not in logs:
             return
@@ -166,6 +170,7 @@ class RouterAuxLossMixin:
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The parent's loss, plus ``router_aux_loss_coef * aux_loss`` if it does not contain it yet."""
         captured: list[Any] = []
         unwrapped = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
         handle = unwrapped.register_forward_hook(lambda module, args, outputs: captured.append(outputs))

@@ -17,7 +17,7 @@ BIASES = ("none", "all", "mor_only")
 class MoRConfig(LoramixConfig):
     """Configuration of a MoR adapter: one shared LoRA per linear layer, mixed by a per-token router.
 
-    For a targeted linear ``W`` (``d_out x d_in``) the adapted layer computes (paper Eq. 5-7)::
+    For a targeted linear ``W`` (``d_out x d_in``) the adapted layer computes (paper Eq. 11 and 15)::
 
         G(x) = softmax(W_r x)                                      # N router weights per token
         o    = W x + (lora_alpha / r) * sum_i G_i(x) * Ω_B[i] ⊙ B (Ω_A[i] ⊙ (A x))

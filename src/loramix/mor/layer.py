@@ -156,6 +156,7 @@ class Linear(nn.Module, MoRLayer):
                 weight.data -= self.get_delta_weight(name).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``W x + b + (α/r) Σ_i G_i(x) Ω_B[i] ⊙ B(Ω_A[i] ⊙ A x)`` per active adapter (paper Eq. 11, 15)."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

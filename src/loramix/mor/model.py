@@ -109,6 +109,8 @@ class MoRModel(LoramixTunerMixin, BaseTuner):
         return loss
 
     def forward(self, *args: Any, **kwargs: Any):
+        """The model's forward; with ``router_aux_loss_coef > 0`` it also returns ``aux_loss`` (Switch
+        balance loss, mean over layers) and adds ``router_aux_loss_coef * aux_loss`` to ``loss``."""
         coefs = {
             name: self.peft_config[name].router_aux_loss_coef
             for name in self.active_adapters
