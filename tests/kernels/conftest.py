@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
-    for _name in ("loramix.kernels.mor_triton", "loramix.kernels.segmented_lora"):
+    for _name in ("loramix.kernels.mor_triton", "loramix.kernels.segmented"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramix.kernels.segmented_lora import segmented_lora, segmented_lora_reference
+from loramix.kernels.segmented import segmented_lora, segmented_lora_reference
 
 # (batch, seq, d_in, d_out, r, selected rows)
 CASES = [

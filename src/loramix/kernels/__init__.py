@@ -5,7 +5,7 @@ Two kernels live here:
 * :func:`mor_linear` — the whole MoR update (router, softmax, ``Ω_A``/``Ω_B`` scaling and the
   rank-``N·r`` product) forward and backward as fused Triton kernels (``mor_triton.py``).
 * :func:`segmented_lora` — a LoRA applied only to selected rows of a batch, each with its own
-  weight (Punica-BGMV style shrink/expand), for MiLoRA decoding (``segmented_lora.py``).
+  weight (Punica-BGMV style shrink/expand), for MiLoRA decoding (``segmented.py``).
 
 Which implementation runs is chosen by the backend, from ``set_backend()`` or else from the
 environment variable ``LORAMIX_KERNELS``:
@@ -116,8 +116,8 @@ def mor_linear(*args, **kwargs):
 
 
 def segmented_lora(*args, **kwargs):
-    """Row-selected LoRA; see :func:`loramix.kernels.segmented_lora.segmented_lora`. Imports Triton on first use."""
-    from .segmented_lora import segmented_lora as impl
+    """Row-selected LoRA; see :func:`loramix.kernels.segmented.segmented_lora`. Imports Triton on first use."""
+    from .segmented import segmented_lora as impl
 
     return impl(*args, **kwargs)
 

@@ -17,6 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .. import kernels
 from . import functional as F_milora
 from .config import MiLoRAConfig
 from .routing import RoutingState
@@ -331,6 +332,16 @@ class Linear(nn.Module, MiLoRATunerLayer):
                 continue
             rows, gate = plan
             x_in = self._cast_input_dtype(x, self.milora_A[name].dtype)
+            if (
+                not torch.is_grad_enabled()
+                and name not in self.milora_magnitude
+                and (not self.training or isinstance(self.milora_dropout[name], nn.Identity))
+                and kernels.use_triton(x_in)
+            ):  # CUDA inference: one Triton gather-LoRA over the selected rows, added in place (loramix.kernels)
+                rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+                lora_A, lora_B, scaling = self.milora_A[name], self.milora_B[name], self.scaling[name]
+                result = kernels.segmented_lora(x_in, lora_A, lora_B, rows, gate, scaling, out=result)
+                continue
             base_out = result
             if rows is not None:  # only the rows that selected it
                 x_in, base_out = x_in.index_select(0, rows), result.index_select(0, rows)
