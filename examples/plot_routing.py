@@ -40,6 +40,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def plot_examples(model, tokenizer, examples, out_dir: Path, batch_size: int = 16, copy_to: Path | None = None) -> dict:
+    """Routing statistics and plots of ``model`` on ``examples`` (``multitask_data.Example`` objects or
+    ``{"prompt", "completion", "task"}`` rows), written to ``out_dir``; the quickstart calls this.
+
+    ``copy_to``: also copy the per-task bar chart there (the README's figure). Returns the paths and a
+    summary (mean entropy and balance over layers).
+    """
+    import shutil
+
+    chunks = [list(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+    if chunks and not isinstance(chunks[0][0], dict):  # multitask_data.Example: the quickstart's own prompts
+        from multitask_data import collate as collate_examples
+
+        batches = [{**collate_examples(tokenizer, chunk), "task": [ex.task for ex in chunk]} for chunk in chunks]
+    else:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        collate = Collator(pad, keep_task=True)
+        batches = [collate([encode(tokenizer, row) for row in chunk]) for chunk in chunks]
+    stats = router_statistics(model, batches)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "routing.json").write_text(json.dumps(stats))
+    outputs = {
+        "stats": out_dir / "routing.json",
+        "heatmap": plot_routing_heatmap(stats, out_dir / "routing_heatmap.png"),
+    }
+    if stats["tasks"]:
+        outputs["tasks"] = plot_task_bars(stats, out_dir / "routing_tasks.png", layer=-1)
+        if copy_to is not None:
+            copy_to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(outputs["tasks"], copy_to)
+            outputs["copy"] = copy_to
+    return {**{k: str(v) for k, v in outputs.items()}, "summary": summarize(stats)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:

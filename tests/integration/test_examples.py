@@ -84,3 +84,19 @@ def test_accelerate_two_process_launch_of_the_training_script(tmp_path):
     logs = [e for e in summary["logs"] if "loss" in e]
     assert len(logs) == 3 and all("aux_loss" in e for e in logs)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_plot_examples_for_the_quickstart(trained, examples, tmp_path):
+    """The function the quickstart calls with its in-memory model and its Example objects."""
+    _, generate, plot_routing = examples
+    from multitask_data import build_dataset
+
+    _, out, _ = trained
+    model, tokenizer = generate.load(out / "adapter", None)
+    _, test = build_dataset(test_per_task=4)
+    rows = [ex for task_rows in test.values() for ex in task_rows]
+    result = plot_routing.plot_examples(
+        model, tokenizer, rows, tmp_path / "routing", copy_to=tmp_path / "docs" / "r.png"
+    )
+    assert (tmp_path / "docs" / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(Path(result["stats"]).read_text())["tasks"].keys() == {"capital", "addition", "antonym", "plural"}
