@@ -1,7 +1,8 @@
 """What distributed training needs from a model's outputs and gradients, checked in one process.
 
 * DistributedDataParallel (and ``torch.compile``) flatten model outputs as pytrees and rebuild them
-  with ``type(outputs)(**fields)``: ``aux_loss`` must be a real field of the output class.
+  with ``type(outputs)(**fields)``: ``aux_loss`` (and ``router_logits``) must be real fields of the output
+  class (``loramix._outputs.with_output_fields`` makes them so).
 * FSDP reduce-scatters the gradients of every parameter of a shard on every rank, and DDP (without
   ``find_unused_parameters``) all-reduces them: with data-dependent routing, every trainable
   parameter must get a gradient (zeros for unselected experts), or the ranks' collectives differ
