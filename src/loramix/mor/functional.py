@@ -58,9 +58,10 @@ def mor_delta(
     z = F.linear(x, lora_A)  # (..., r)
     gate = probs.to(z.dtype).unsqueeze(-1) * omega_A.to(z.dtype)  # (..., N, r)
     y = (gate * z.unsqueeze(-2)).flatten(-2)  # (..., N·r)
-    # B_eff[(i,k), o] = Ω_B[i,o] · B[o,k]; F.linear wants (out, in) = (d_out, N·r).
-    b_eff = (omega_B.unsqueeze(-1) * lora_B.unsqueeze(0)).transpose(0, 1).reshape(lora_B.shape[0], num_experts * rank)
-    return F.linear(y, b_eff) * scaling
+    # B_eff[(i,k), o] = scaling · Ω_B[i,o] · B[o,k]; F.linear wants (out, in) = (d_out, N·r). The scaling goes
+    # into this small matrix rather than onto the (..., d_out) output: one pass over the output fewer, each way.
+    b_eff = omega_B.unsqueeze(-1) * (lora_B * scaling).unsqueeze(0)
+    return F.linear(y, b_eff.transpose(0, 1).reshape(lora_B.shape[0], num_experts * rank))
 
 
 def mor_delta_weight(
@@ -79,3 +80,33 @@ def mor_delta_weight(
     # Σ_i g_i Ω_B[i,o] Ω_A[i,k] is an (d_out, r) matrix C; ΔW = (C ⊙ B) A.
     mix = torch.einsum("i,io,ik->ok", expert_weights.to(omega_A.dtype), omega_B, omega_A)
     return (mix * lora_B) @ lora_A * scaling
+
+
+class _KeepMaskDropout(torch.autograd.Function):
+    """Inverted dropout that keeps a 1-byte mask for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(keep)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+class MoRDropout(torch.nn.Dropout):
+    """``nn.Dropout`` for the input of ``A`` that keeps a 1-byte mask for backward on CPU.
+
+    PyTorch's CPU dropout multiplies by a float noise tensor and keeps it for backward (4 bytes per
+    input element, per adapted layer); CUDA's fused dropout already keeps a 1-byte mask and is used
+    as is. Same distribution as ``nn.Dropout`` (not the same random stream).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and 0.0 < self.p < 1.0 and not self.inplace and x.device.type == "cpu":
+            return _KeepMaskDropout.apply(x, self.p)
+        return super().forward(x)

@@ -13,7 +13,7 @@ from torch import nn
 from .. import kernels
 from ._checkpointing import AuxGradInjector, PendingAux
 from .config import MoRConfig
-from .functional import mor_delta, mor_delta_weight, router_probs
+from .functional import MoRDropout, mor_delta, mor_delta_weight, router_probs
 
 
 class MoRLayer(BaseTunerLayer):
@@ -61,7 +61,7 @@ class MoRLayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.scaling
         self.num_experts[adapter_name] = n
-        self.mor_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.mor_dropout[adapter_name] = MoRDropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.mor_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
         self.mor_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
         self.mor_omega_A[adapter_name] = nn.Parameter(torch.empty(n, r))
