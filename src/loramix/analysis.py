@@ -523,10 +523,15 @@ def plot_task_bars(
 
 
 def plot_routing(stats: Mapping[str, Any], out_dir: str | Path, prefix: str = "routing") -> dict[str, Path]:
-    """Write the heatmap (``<prefix>_heatmap.png``) and, with tasks, the per-task bars
-    (``<prefix>_tasks.png``) into ``out_dir``; returns ``{"heatmap": path, "tasks": path}``."""
+    """Write the heatmap (``<prefix>_heatmap.png``) and, with tasks, the per-task bars of the last layer
+    (``<prefix>_tasks.png``) into ``out_dir``; returns ``{"heatmap": path, "tasks": path}``. A MoR model
+    with more than 40 adapted layers gets one heatmap row per block (its first module kind)."""
     out_dir = Path(out_dir)
-    paths = {"heatmap": plot_routing_heatmap(stats, out_dir / f"{prefix}_heatmap.png")}
+    modules = None
+    if stats["method"] == "mor" and len(stats["layers"]) > 40:
+        # One row per block, like the paper's figures: keep one module kind (the first, e.g. gate_proj).
+        modules = "." + stats["layers"][0].rsplit(".", 1)[-1]
+    paths = {"heatmap": plot_routing_heatmap(stats, out_dir / f"{prefix}_heatmap.png", modules=modules)}
     if stats["tasks"]:
         paths["tasks"] = plot_task_bars(stats, out_dir / f"{prefix}_tasks.png", layer=-1)
     return paths
