@@ -80,40 +80,41 @@ class _Accumulator:
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
-        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        # per task key: one float64 row [count, Σp (N), Σselected (N), Σtop1 (N), Σentropy]
+        self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, probs: torch.Tensor, selected: torch.Tensor, tasks: Sequence[str] | None) -> None:
-        """``probs`` (rows, N) float32; ``selected`` (rows, N) 0/1; ``tasks``: one label per row or None."""
-        groups = {ALL: None}
-        if tasks is not None:
-            for task in dict.fromkeys(tasks):
-                groups[task] = torch.tensor([t == task for t in tasks], device=probs.device)
-        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    def add(
+        self, probs: torch.Tensor, selected: torch.Tensor, task_ids: torch.Tensor | None, task_names: Sequence[str]
+    ) -> None:
+        """``probs`` (rows, N) float32; ``selected`` (rows, N) 0/1; ``task_ids`` (rows,) indices into
+        ``task_names``, or None. Vectorised: a few kernels per call whatever the number of tasks."""
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1, keepdim=True)
         top1 = torch.nn.functional.one_hot(probs.argmax(-1), self.num_experts).to(probs.dtype)
-        for key, keep in groups.items():
-            p, s, t, h = (
-                (probs, selected, top1, entropy)
-                if keep is None
-                else (probs[keep], selected[keep], top1[keep], entropy[keep])
-            )
-            acc = self.sums.setdefault(
-                key,
-                {
-                    "rows": probs.new_zeros((), dtype=torch.float64),
-                    "prob": probs.new_zeros(self.num_experts, dtype=torch.float64),
-                    "selected": probs.new_zeros(self.num_experts, dtype=torch.float64),
-                    "top1": probs.new_zeros(self.num_experts, dtype=torch.float64),
-                    "entropy": probs.new_zeros((), dtype=torch.float64),
-                },
-            )
-            acc["rows"] += p.shape[0]
-            acc["prob"] += p.sum(0).double()
-            acc["selected"] += s.sum(0).double()
-            acc["top1"] += t.sum(0).double()
-            acc["entropy"] += h.sum().double()
+        ones = probs.new_ones(probs.shape[0], 1)
+        stats = torch.cat([ones, probs, selected.to(probs.dtype), top1, entropy], dim=-1).double()  # (rows, 3N+2)
+        groups = [(ALL, stats.sum(0))]
+        if task_ids is not None and len(task_names):
+            per_task = stats.new_zeros(len(task_names), stats.shape[1]).index_add_(0, task_ids, stats)
+            groups += [(name, per_task[i]) for i, name in enumerate(task_names)]
+        for key, row in groups:
+            acc = self.sums.get(key)
+            self.sums[key] = row.clone() if acc is None else acc + row
+
+    def _get(self, key: str) -> dict[str, torch.Tensor] | None:
+        row = self.sums.get(key)
+        if row is None:
+            return None
+        n = self.num_experts
+        return {
+            "rows": row[0],
+            "prob": row[1 : 1 + n],
+            "selected": row[1 + n : 1 + 2 * n],
+            "top1": row[1 + 2 * n : 1 + 3 * n],
+            "entropy": row[1 + 3 * n],
+        }
 
     def summary(self, key: str) -> dict[str, Any] | None:
-        acc = self.sums.get(key)
+        acc = self._get(key)
         if acc is None or acc["rows"].item() == 0:
             return None
         rows = acc["rows"].item()
@@ -157,6 +158,8 @@ class RoutingRecorder:
         self._aux_count = 0
         self._handles: list[Any] = []
         self._last_states: dict[str, Any] = {}
+        self._task_names: list[str] = []
+        self._task_cache: tuple | None = None
         self.expert_names: list[str] | None = None
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -272,21 +275,33 @@ class RoutingRecorder:
         selected: torch.Tensor | None = None,
     ) -> None:
         n = probs.shape[-1]
-        tasks = self.tasks
-        if tasks is not None and probs.dim() == 3:  # (B, T, N): every token of a sequence has its task
-            tasks = [t for t in tasks for _ in range(probs.shape[1])]
         flat = probs.reshape(-1, n).float()
         if selected is None:
             selected = torch.zeros_like(flat).scatter_(-1, flat.topk(min(k, n), dim=-1).indices, 1.0)
         selected = selected.reshape(-1, n)
+        task_ids = self._task_ids(probs.shape[:-1], flat.device)
         if mask is not None and mask.numel() == flat.shape[0]:
             keep = mask.reshape(-1).to(device=flat.device, dtype=torch.bool)
             flat, selected = flat[keep], selected[keep]
-            if tasks is not None:
-                tasks = [t for t, kept in zip(tasks, keep.tolist(), strict=True) if kept]
-        if tasks is not None and len(tasks) != flat.shape[0]:
-            tasks = None  # labels that do not match the rows (e.g. packed batches): overall statistics only
-        self._layers.setdefault(layer, _Accumulator(n)).add(flat, selected, tasks)
+            task_ids = None if task_ids is None else task_ids[keep]
+        self._layers.setdefault(layer, _Accumulator(n)).add(flat, selected, task_ids, self._task_names)
+
+    def _task_ids(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """Row -> task index for rows of ``shape`` (B,) or (B, T); cached for the layers of one forward."""
+        tasks = self.tasks
+        if tasks is None or len(shape) == 0 or shape[0] != len(tasks):
+            return None  # no labels, or labels that do not match the rows (packed batches): overall only
+        key = (id(tasks), tuple(shape), device)
+        if self._task_cache is not None and self._task_cache[0] == key:
+            return self._task_cache[1]
+        for task in tasks:
+            if task not in self._task_names:
+                self._task_names.append(task)
+        ids = torch.tensor([self._task_names.index(t) for t in tasks], device=device)
+        if len(shape) == 2:
+            ids = ids.repeat_interleave(shape[1])
+        self._task_cache = (key, ids, tasks)  # keep `tasks` alive so that its id is not reused
+        return ids
 
     # -- results ---------------------------------------------------------------------------------
     def reset(self) -> None:
