@@ -276,21 +276,20 @@ class Linear(nn.Module, MiLoRATunerLayer):
         self.__dict__["_router"] = router
         self.expert_index[adapter_name] = index
 
-    def _plan(self, name: str, x: torch.Tensor):
+    def _routing_state(self, name: str, x: torch.Tensor) -> RoutingState:
         router = self.__dict__.get("_router")
-        state = router.routing(name) if router is not None else None
+        state = router._routing.get(name) if router is not None else None
         if state is None:
             raise RuntimeError(
                 f"MiLoRA expert (adapter '{name}') ran before its block's router chose the experts. MiLoRA experts "
-                "must be called inside their transformer block, after the block's router "
-                f"({'input_layernorm' if router is None else 'its router_anchor'})."
+                "must be called inside their transformer block, after the block's router (its `router_anchor`)."
             )
         if state.batch_size != x.shape[0]:
             raise RuntimeError(
                 f"MiLoRA: the router chose experts for a batch of {state.batch_size} prompts, but this layer got a "
                 f"batch of {x.shape[0]}."
             )
-        return state.plan(self.expert_index[name])
+        return state
 
     def _dora_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """``||W + s·BA||`` per row; cached in inference (no grad) until a weight changes (decoding steps)."""
@@ -304,13 +303,9 @@ class Linear(nn.Module, MiLoRATunerLayer):
             self._dora_norms[name] = cached
         return cached[1]
 
-    def _expert_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """The expert's update ``Δ`` for inputs ``x`` (already cast to the adapter dtype) and ``W x + b``."""
-        lora_A, lora_B, scaling = self.milora_A[name], self.milora_B[name], self.scaling[name]
-        dropout = self.milora_dropout[name]
-        if name not in self.milora_magnitude:
-            return F_milora.lora_update(dropout(x), lora_A, lora_B, scaling)
-        base = self.get_base_layer()
+    def _dora_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The DoRA update for inputs ``x`` (already cast to the adapter dtype) and ``base_out`` = ``W x + b``."""
+        base, dropout = self.get_base_layer(), self.milora_dropout[name]
         if isinstance(dropout, nn.Identity) or not self.training:
             plain = base_out if base.bias is None else base_out - base.bias
             plain = plain.to(x.dtype)
@@ -318,7 +313,8 @@ class Linear(nn.Module, MiLoRATunerLayer):
             x = dropout(x)
             plain = torch.nn.functional.linear(x, base.weight.to(x.dtype))
         norm = self._dora_norm(name, base.weight)
-        return F_milora.dora_update(x, plain, lora_A, lora_B, self.milora_magnitude[name], norm, scaling)
+        lora_A, lora_B, magnitude = self.milora_A[name], self.milora_B[name], self.milora_magnitude[name]
+        return F_milora.dora_update(x, plain, lora_A, lora_B, magnitude, norm, self.scaling[name])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -327,26 +323,32 @@ class Linear(nn.Module, MiLoRATunerLayer):
         for name in self.active_adapters:
             if name not in self.milora_A:
                 continue
-            plan = self._plan(name, x)
-            if plan is None:  # no sequence of the batch selected this expert
+            state = self._routing_state(name, x)
+            index = self.expert_index[name]
+            plan = state.plan(index)
+            if plan is None:  # no sequence of the batch selected this expert: it costs nothing
                 continue
             rows, gate = plan
-            x_in = self._cast_input_dtype(x, self.milora_A[name].dtype)
-            if (
-                not torch.is_grad_enabled()
-                and name not in self.milora_magnitude
-                and (not self.training or isinstance(self.milora_dropout[name], nn.Identity))
-                and kernels.use_triton(x_in)
-            ):  # CUDA inference: one Triton gather-LoRA over the selected rows, added in place (loramix.kernels)
+            lora_A, lora_B, scaling = self.milora_A[name], self.milora_B[name], self.scaling[name]
+            dora = name in self.milora_magnitude
+            x_in = self._cast_input_dtype(x, lora_A.dtype)
+            dropout = self.milora_dropout[name]
+            no_dropout = not self.training or isinstance(dropout, nn.Identity)
+            if not torch.is_grad_enabled() and not dora and no_dropout and kernels.use_triton(x_in):
+                # CUDA inference: one Triton gather-LoRA over the selected rows, added in place (loramix.kernels)
                 rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-                lora_A, lora_B, scaling = self.milora_A[name], self.milora_B[name], self.scaling[name]
                 result = kernels.segmented_lora(x_in, lora_A, lora_B, rows, gate, scaling, out=result)
                 continue
             base_out = result
             if rows is not None:  # only the rows that selected it
                 x_in, base_out = x_in.index_select(0, rows), result.index_select(0, rows)
-            delta = self._expert_delta(name, x_in, base_out)
-            delta = (delta * gate.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))).to(result.dtype)
+            if dora:
+                delta = self._dora_delta(name, x_in, base_out)
+                factor = state.factor(index, 1.0, delta.dtype, delta.dim())
+            else:
+                delta = torch.nn.functional.linear(torch.nn.functional.linear(dropout(x_in), lora_A), lora_B)
+                factor = state.factor(index, scaling, delta.dtype, delta.dim())  # router weight x lora_alpha / r
+            delta = (delta * factor).to(result.dtype)
             result = result + delta if rows is None else result.index_add(0, rows, delta)
         return result
 

@@ -41,12 +41,13 @@ class RoutingState:
     per prompt), never one per decoding step.
     """
 
-    __slots__ = ("logits", "probs", "gates", "selected", "epoch", "_plans", "_selected_host")
+    __slots__ = ("logits", "probs", "gates", "selected", "epoch", "_plans", "_selected_host", "_factors")
 
     def __init__(self, logits, probs, gates, selected, epoch: int = 0) -> None:
         self.logits, self.probs, self.gates, self.selected, self.epoch = logits, probs, gates, selected, epoch
         self._plans: dict[int, tuple[torch.Tensor | None, torch.Tensor] | None] = {}
         self._selected_host: torch.Tensor | None = None
+        self._factors: dict[tuple, torch.Tensor] = {}
 
     @property
     def batch_size(self) -> int:
@@ -71,6 +72,19 @@ class RoutingState:
                 plan = (rows, self.gates.index_select(0, rows)[:, expert])
             self._plans[expert] = plan
         return self._plans[expert]
+
+    def factor(self, expert: int, scale: float, dtype: torch.dtype, ndim: int) -> torch.Tensor:
+        """``scale · gate`` of :meth:`plan`, shaped ``(rows, 1, ..., 1)`` to multiply an ``ndim``-d update.
+
+        Cached: decoding steps reuse it instead of recomputing it in every expert call.
+        """
+        key = (expert, scale, dtype, ndim)
+        value = self._factors.get(key)
+        if value is None:
+            gate = self.plan(expert)[1]
+            value = (gate * scale).to(dtype).view(-1, *([1] * (ndim - 1)))
+            self._factors[key] = value
+        return value
 
 
 class RoutingContext:
