@@ -37,7 +37,8 @@ def test_gradients_reach_routers_activations_and_selected_experts_only():
         for index, expert_name in enumerate(router.expert_names["default"]):
             for attr in ("milora_A", "milora_B"):
                 key = f"{block}.{expert_name}.{attr}.default"
-                assert (key in got and got[key].abs().sum() > 0) == bool(selected[index]), key
+                # unselected experts get exact zeros (not None: DDP/FSDP reduce every parameter's gradient)
+                assert bool(got[key].abs().sum() > 0) == bool(selected[index]), key
     assert any(not r.routing("default").selected.any(0).all() for r in routers(model).values())  # some unselected
 
 

@@ -60,7 +60,10 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, pooler: str, query: to
         last = hidden.shape[1] - 1 - mask.flip(-1).to(torch.int8).argmax(dim=-1)
         return hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
     if pooler == "attention":
-        scores = hidden @ query.to(hidden.dtype)  # (B, T)
+        # a multiply-and-sum, not a matrix-vector product: BLAS's result for `hidden @ query` depends on the
+        # memory alignment of `query` (transformers' load_adapter leaves adapter tensors unaligned), so the
+        # same adapter would route differently depending on how it was loaded
+        scores = (hidden * query.to(hidden.dtype)).sum(dim=-1)  # (B, T)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         attn = torch.softmax(scores, dim=-1)

@@ -316,6 +316,21 @@ class Linear(nn.Module, MiLoRATunerLayer):
         lora_A, lora_B, magnitude = self.milora_A[name], self.milora_B[name], self.milora_magnitude[name]
         return F_milora.dora_update(x, plain, lora_A, lora_B, magnitude, norm, self.scaling[name])
 
+    def _zero_gradient_link(self, name: str, result: torch.Tensor) -> torch.Tensor:
+        """In training, tie an unselected expert to the output with weight 0, so its parameters get zero
+        gradients rather than none: DDP (without ``find_unused_parameters``) and FSDP reduce the gradients of
+        every parameter on every rank, and which experts a batch uses differs between ranks. Costs one
+        scalar add per unselected expert and only when gradients are being recorded."""
+        if not (self.training and torch.is_grad_enabled()):
+            return result
+        params = [p for p in (self.milora_A[name], self.milora_B[name]) if p.requires_grad]
+        if name in self.milora_magnitude and self.milora_magnitude[name].requires_grad:
+            params.append(self.milora_magnitude[name])
+        if not params:
+            return result
+        zero = sum(p.sum() for p in params) * 0.0
+        return result + zero.to(result.dtype)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
@@ -327,6 +342,7 @@ class Linear(nn.Module, MiLoRATunerLayer):
             index = self.expert_index[name]
             plan = state.plan(index)
             if plan is None:  # no sequence of the batch selected this expert: it costs nothing
+                result = self._zero_gradient_link(name, result)
                 continue
             rows, gate = plan
             lora_A, lora_B, scaling = self.milora_A[name], self.milora_B[name], self.scaling[name]

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .._outputs import with_output_fields
 from ..balance import switch_balance_loss
 
 CONTEXT_ATTR = "_milora_routing"
@@ -254,8 +255,12 @@ def routing_post_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output
     if not records or not isinstance(output, dict):
         return None
     losses = adapter_balance_losses(records, context)
-    output["aux_loss"] = torch.stack([loss for loss, _ in losses.values()]).mean()
-    output["router_logits"] = tuple(state.logits for _, _, state in records)
+    # real dataclass fields, so that DDP / torch.compile can rebuild the outputs (loramix._outputs)
+    output = with_output_fields(
+        output,
+        aux_loss=torch.stack([loss for loss, _ in losses.values()]).mean(),
+        router_logits=tuple(state.logits for _, _, state in records),
+    )
     inputs = dict(zip(context.arg_names, args, strict=False))
     inputs.update(kwargs)
     loss = output.get("loss")
