@@ -84,7 +84,9 @@ def _mor_proj_kernel(
     for k0 in range(0, D_IN, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < D_IN
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x = tl.load(
+            X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+        )
         a = tl.load(A + kr[None, :] * D_IN + cols[:, None], mask=(kr < R)[None, :] & col_ok[:, None], other=0.0)
         acc_z = tl.dot(x.to(DOT), a.to(DOT), acc_z, input_precision=PREC)
         if HAS_ROUTER:
@@ -92,7 +94,9 @@ def _mor_proj_kernel(
                 xr = x
             else:
                 xr = tl.load(
-                    XR + rows[:, None] * stride_xr + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+                    XR + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0,
                 )
             w = tl.load(WR + kn[None, :] * D_IN + cols[:, None], mask=(kn < N)[None, :] & col_ok[:, None], other=0.0)
             acc_l = tl.dot(xr.to(tl.float32), w.to(tl.float32), acc_l, input_precision="ieee")  # float32 logits
@@ -135,8 +139,10 @@ def _mor_out_kernel(
     acc = acc * scaling
     m_out = row_ok[:, None] & col_ok[None, :]
     if HAS_RES:
-        acc += tl.load(RES + rows[:, None] * stride_res + cols[None, :], mask=m_out, other=0.0).to(tl.float32)
-    tl.store(OUT + rows[:, None] * stride_out + cols[None, :], acc.to(OUT.dtype.element_ty), mask=m_out)
+        acc += tl.load(RES + rows.to(tl.int64)[:, None] * stride_res + cols[None, :], mask=m_out, other=0.0).to(
+            tl.float32
+        )
+    tl.store(OUT + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], acc.to(OUT.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
@@ -164,7 +170,11 @@ def _mor_bwd_rows_kernel(
         for o0 in range(0, D_OUT, BLOCK_O):
             cols = o0 + tl.arange(0, BLOCK_O)
             col_ok = cols < D_OUT
-            g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            g = tl.load(
+                G + rows.to(tl.int64)[:, None] * stride_g + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             m2 = col_ok[:, None] & j_ok[None, :]
             ob = tl.load(OB + ei[None, :] * D_OUT + cols[:, None], mask=m2, other=0.0)
             b = tl.load(B + cols[:, None] * R + ek[None, :], mask=m2, other=0.0)
@@ -212,7 +222,9 @@ def _mor_bwd_m_kernel(
     for t0 in range(start, start + T_CHUNK, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < T
-        g_t = tl.load(G + rows[None, :] * stride_g + cols[:, None], mask=col_ok[:, None] & row_ok[None, :], other=0.0)
+        g_t = tl.load(
+            G + rows.to(tl.int64)[None, :] * stride_g + cols[:, None], mask=col_ok[:, None] & row_ok[None, :], other=0.0
+        )
         y = _y_tile(P, Z, OA, rows, row_ok, j, j_ok, R, N)
         acc = tl.dot(g_t.to(DOT), y.to(DOT), acc, input_precision=PREC)
     acc = acc * scaling
@@ -248,8 +260,12 @@ def _mor_bwd_dx_kernel(
             acc = tl.dot(dl, w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc_r = tl.dot(dl, w.to(tl.float32), input_precision="ieee")
-            tl.store(DXR + rows[:, None] * stride_dxr + cols[None, :], acc_r.to(DXR.dtype.element_ty), mask=m_out)
-    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], acc.to(DX.dtype.element_ty), mask=m_out)
+            tl.store(
+                DXR + rows.to(tl.int64)[:, None] * stride_dxr + cols[None, :],
+                acc_r.to(DXR.dtype.element_ty),
+                mask=m_out,
+            )
+    tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + cols[None, :], acc.to(DX.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
@@ -274,14 +290,14 @@ def _mor_bwd_dw_kernel(
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < T
         m_x = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m_x, other=0.0)
+        x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=m_x, other=0.0)
         dz_t = tl.load(DZ + rows[None, :] * R + kr[:, None], mask=(kr < R)[:, None] & row_ok[None, :], other=0.0)
         acc_a = tl.dot(dz_t.to(DOT), x.to(DOT), acc_a, input_precision=PREC)
         if HAS_ROUTER:
             if SAME_X:
                 xr = x
             else:
-                xr = tl.load(XR + rows[:, None] * stride_xr + cols[None, :], mask=m_x, other=0.0)
+                xr = tl.load(XR + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=m_x, other=0.0)
             dl_t = tl.load(DL + rows[None, :] * N + kn[:, None], mask=(kn < N)[:, None] & row_ok[None, :], other=0.0)
             acc_w = tl.dot(dl_t, xr.to(tl.float32), acc_w, input_precision="ieee")
     base = pid_s * D_IN
@@ -313,8 +329,10 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float32
 
 
-def _precision(x: torch.Tensor) -> str:
-    """float32 products: TF32 only where PyTorch's own matmuls would use it."""
+def _precision(x: torch.Tensor, compute_dtype: torch.dtype) -> str | None:
+    """float32 products: TF32 only where PyTorch's own matmuls would use it; half products: the default."""
+    if compute_dtype in (torch.float16, torch.bfloat16):
+        return None
     return "tf32" if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
@@ -363,7 +381,7 @@ class _MoRFunction(torch.autograd.Function):
         dev = x.device
         tiles = _tiles(dev)
         bt = tiles["BLOCK_T"]
-        dot, prec = _dot_dtype(compute_dtype), _precision(x)
+        dot, prec = _dot_dtype(compute_dtype), _precision(x, compute_dtype)
         block_r, block_n = _pow2(rank), _pow2(num_experts)
         block_j = min(64, _pow2(num_experts * rank))
 
@@ -403,7 +421,7 @@ class _MoRFunction(torch.autograd.Function):
         dev = x2.device
         tiles = _tiles(dev)
         bt = tiles["BLOCK_T"]
-        dot, prec = _dot_dtype(compute_dtype), _precision(x2)
+        dot, prec = _dot_dtype(compute_dtype), _precision(x2, compute_dtype)
         block_r, block_n = _pow2(rank), _pow2(num_experts)
         nr = num_experts * rank
         block_j = min(64, _pow2(nr))

@@ -27,7 +27,7 @@ def _shrink_kernel(
     X, ROWS, W, A, Z,
     n_gathered, seq_len, D_IN, stride_xb, stride_xt, scaling,
     R: tl.constexpr, HAS_W: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -42,7 +42,7 @@ def _shrink_kernel(
         col_ok = cols < D_IN
         x = tl.load(X + x_off[:, None] + cols[None, :], mask=g_ok[:, None] & col_ok[None, :], other=0.0)
         a = tl.load(A + kr[None, :] * D_IN + cols[:, None], mask=(kr < R)[None, :] & col_ok[:, None], other=0.0)
-        acc = tl.dot(x.to(DOT), a.to(DOT), acc, input_precision="ieee")
+        acc = tl.dot(x.to(DOT), a.to(DOT), acc, input_precision=PREC)
     acc = acc * scaling
     if HAS_W:
         acc = acc * tl.load(W + sel, mask=g_ok, other=0.0).to(tl.float32)[:, None]
@@ -54,6 +54,7 @@ def _expand_kernel(
     Z, ROWS, B, OUT,
     n_gathered, seq_len, D_OUT, stride_ob, stride_ot,
     R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     pid_g = tl.program_id(0)
     pid_o = tl.program_id(1)
@@ -66,7 +67,7 @@ def _expand_kernel(
     col_ok = cols < D_OUT
     z = tl.load(Z + g[:, None] * R + kr[None, :], mask=g_ok[:, None] & (kr < R)[None, :], other=0.0)
     b = tl.load(B + cols[None, :] * R + kr[:, None], mask=(kr < R)[:, None] & col_ok[None, :], other=0.0)
-    delta = tl.dot(z.to(DOT), b.to(DOT), input_precision="ieee")
+    delta = tl.dot(z.to(DOT), b.to(DOT), input_precision=PREC)
     ptrs = OUT + o_off[:, None] + cols[None, :]
     m = g_ok[:, None] & col_ok[None, :]
     acc = tl.load(ptrs, mask=m, other=0.0).to(tl.float32) + delta
@@ -128,17 +129,18 @@ def segmented_lora(
     B = lora_B.contiguous()
     w = weights.reshape(-1).contiguous() if weights is not None else rows
     dot = _dot_dtype(x.dtype)
+    prec = None if x.dtype in (torch.float16, torch.bfloat16) else "ieee"
     block_r = max(16, triton.next_power_of_2(rank))
     block_g = 16 if n_gathered <= 16 or not x.is_cuda else 64
     block_k, block_o = (64, 64) if x.is_cuda else (32, 32)
     z = torch.empty(n_gathered, rank, device=x.device, dtype=torch.float32)
     _shrink_kernel[(triton.cdiv(n_gathered, block_g),)](
         x3, rows, w, A, z, n_gathered, seq_len, d_in, x3.stride(0), x3.stride(1), float(scaling),
-        R=rank, HAS_W=weights is not None, BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_R=block_r, DOT=dot,
+        R=rank, HAS_W=weights is not None, BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_R=block_r, DOT=dot, PREC=prec,
     )  # fmt: skip
     _expand_kernel[(triton.cdiv(n_gathered, block_g), triton.cdiv(d_out, block_o))](
         z, rows, B, out3, n_gathered, seq_len, d_out, out3.stride(0), out3.stride(1),
-        R=rank, BLOCK_G=block_g, BLOCK_O=block_o, BLOCK_R=block_r, DOT=dot,
+        R=rank, BLOCK_G=block_g, BLOCK_O=block_o, BLOCK_R=block_r, DOT=dot, PREC=prec,
     )  # fmt: skip
     return out
 
