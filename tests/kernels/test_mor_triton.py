@@ -146,3 +146,14 @@ def test_autocast_computes_in_the_autocast_dtype_with_float32_router():
     for key, actual, expected in zip(leaves, grads, ref, strict=True):
         assert actual.dtype == torch.float32, key
         assert rel_err(actual, expected) < 3e-2, key
+
+
+def test_no_tokens():
+    inp = make_inputs(0, 12, 10, 2, 3, torch.float32)
+    out, probs = mor_linear(
+        inp["x"], inp["lora_A"], inp["lora_B"], inp["omega_A"], inp["omega_B"], inp["router"], 1.0,
+        residual=inp["residual"],
+    )  # fmt: skip
+    assert out.shape == (0, 10) and probs.shape == (0, 3)
+    out.sum().backward()
+    assert inp["lora_A"].grad is not None and inp["lora_A"].grad.abs().sum() == 0

@@ -523,6 +523,12 @@ def mor_linear(
     """
     if x_router is x:
         x_router = None
+    if x.shape[:-1].numel() == 0:  # no tokens: nothing to launch; the PyTorch path returns empty tensors
+        from ..mor.functional import mor_delta, router_probs
+
+        probs = router_probs(x if x_router is None else x_router, router, omega_A.shape[0])
+        delta = mor_delta(x, lora_A, lora_B, omega_A, omega_B, probs, scaling)
+        return (delta if residual is None else residual + delta.to(residual.dtype)), probs
     device_type = x.device.type
     compute_dtype = x.dtype
     if torch.is_autocast_enabled(device_type) and x.is_floating_point():
