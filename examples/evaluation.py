@@ -35,8 +35,10 @@ def answer_loss(
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
         losses = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         total += losses.item()
         count += int((labels != IGNORE_INDEX).sum())
@@ -60,8 +62,12 @@ def generate_answers(
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
         )
         answers.extend(tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
     return [a.strip() for a in answers]
@@ -78,7 +84,7 @@ def evaluate(
     scores = {}
     for task, examples in test.items():
         predictions = generate_answers(model, tokenizer, examples, batch_size)
-        correct = sum(is_correct(p, ex) for p, ex in zip(predictions, examples))
+        correct = sum(is_correct(p, ex) for p, ex in zip(predictions, examples, strict=True))
         scores[task] = TaskScore(
             accuracy=correct / len(examples),
             loss=answer_loss(model, tokenizer, examples, batch_size),

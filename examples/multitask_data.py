@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 SYSTEM_PROMPT = "Reply with the answer only."
 IGNORE_INDEX = -100
 
+# fmt: off
 CAPITALS: tuple[tuple[str, str], ...] = (
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
     ("Portugal", "Lisbon"), ("the United Kingdom", "London"), ("Ireland", "Dublin"),
@@ -123,6 +124,7 @@ PLURALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("radio", "radios", ()), ("bird", "birds", ()), ("chair", "chairs", ()),
     ("window", "windows", ()), ("horse", "horses", ()), ("bench", "benches", ()),
 )
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,7 @@ class Example:
 
 
 def _capital_examples() -> list[Example]:
-    return [
-        Example("capital", f"What is the capital of {country}?", city, (city,))
-        for country, city in CAPITALS
-    ]
+    return [Example("capital", f"What is the capital of {country}?", city, (city,)) for country, city in CAPITALS]
 
 
 def _antonym_examples() -> list[Example]:
@@ -229,9 +228,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[list[i
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
-def collate(
-    tokenizer: PreTrainedTokenizerBase, examples: list[Example]
-) -> dict[str, torch.Tensor]:
+def collate(tokenizer: PreTrainedTokenizerBase, examples: list[Example]) -> dict[str, torch.Tensor]:
     """Right-padded batch of ``input_ids``, ``attention_mask`` and ``labels``."""
     encoded = [encode(tokenizer, ex) for ex in examples]
     width = max(len(ids) for ids, _ in encoded)

@@ -54,8 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-experts", type=int, default=8, help="MoR experts (ignored by lora)")
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--target-modules", nargs="+", default=None,
-                   help="linear layers to adapt (default: the FFN; mor resolves it per architecture)")
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        help="linear layers to adapt (default: the FFN; mor resolves it per architecture)",
+    )
     p.add_argument("--steps", type=int, default=80, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -64,8 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch default)")
     p.add_argument("--output-dir", type=Path, default=None, help="default: examples/output/<method>")
-    p.add_argument("--no-plot-routing", action="store_true",
-                   help="mor: skip the routing statistics and plots of the test prompts")
+    p.add_argument(
+        "--no-plot-routing", action="store_true", help="mor: skip the routing statistics and plots of the test prompts"
+    )
     return p.parse_args(argv)
 
 
@@ -136,8 +141,11 @@ def train(
             elapsed = time.perf_counter() - start
             eta = elapsed / (step + 1) * (args.steps - step - 1)
             recent = sum(losses[-5:]) / len(losses[-5:])
-            print(f"  step {step + 1:4d}/{args.steps}  loss {recent:.3f}  "
-                  f"lr {scheduler.get_last_lr()[0]:.1e}  {elapsed:5.0f}s elapsed, ~{eta:.0f}s left", flush=True)
+            print(
+                f"  step {step + 1:4d}/{args.steps}  loss {recent:.3f}  "
+                f"lr {scheduler.get_last_lr()[0]:.1e}  {elapsed:5.0f}s elapsed, ~{eta:.0f}s left",
+                flush=True,
+            )
     return losses
 
 
@@ -148,8 +156,10 @@ def print_table(before: dict[str, TaskScore], after: dict[str, TaskScore]) -> No
         b, a = before[task], after[task]
         print(f"  {task:10s} {b.accuracy:10.0%} {a.accuracy:10.0%} {b.loss:12.3f} {a.loss:11.3f}")
     mean = lambda scores, key: sum(getattr(s, key) for s in scores.values()) / len(scores)  # noqa: E731
-    print(f"  {'mean':10s} {mean(before, 'accuracy'):10.0%} {mean(after, 'accuracy'):10.0%} "
-          f"{mean(before, 'loss'):12.3f} {mean(after, 'loss'):11.3f}")
+    print(
+        f"  {'mean':10s} {mean(before, 'accuracy'):10.0%} {mean(after, 'accuracy'):10.0%} "
+        f"{mean(before, 'loss'):12.3f} {mean(after, 'loss'):11.3f}"
+    )
 
 
 def plot_routing_of(
@@ -192,8 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     train_set, test_set = build_dataset(seed=args.seed, test_per_task=args.test_per_task)
     print(f"  model {model_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    print(f"  data: {len(train_set)} training examples, test per task: "
-          + ", ".join(f"{t} {len(v)}" for t, v in test_set.items()))
+    print(
+        f"  data: {len(train_set)} training examples, test per task: "
+        + ", ".join(f"{t} {len(v)}" for t, v in test_set.items())
+    )
     timings["load"] = time.perf_counter() - t0
 
     print("== 2. evaluate the base model")
@@ -211,8 +223,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainable = count_trainable(model)
     total = sum(p.numel() for p in model.parameters())
     print(f"  {args.method.upper()} trainable parameters: {trainable:,} ({trainable / total:.2%} of {total:,})")
-    print(f"  LoRA r={args.r} on {'/'.join(targets)} would train: {lora_params:,} "
-          f"(ratio {trainable / lora_params:.2f}x)")
+    print(
+        f"  LoRA r={args.r} on {'/'.join(targets)} would train: {lora_params:,} (ratio {trainable / lora_params:.2f}x)"
+    )
 
     print(f"== 4. train {args.steps} steps, batch {args.batch_size}, lr {args.lr}")
     t = time.perf_counter()
@@ -228,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"== 6. save to {output_dir}, reload with PeftModel.from_pretrained, generate")
     t = time.perf_counter()
     model.save_pretrained(output_dir)
-    print("  saved: " + ", ".join(sorted(p.name for p in output_dir.iterdir())))
+    saved = sorted(output_dir.glob("adapter_*"))
+    print("  saved: " + ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB)" for p in saved))
     fresh_base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(fresh_base, output_dir).eval()
     probe = collate(tokenizer, [rows[0] for rows in test_set.values()])
@@ -241,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples = [ex for rows in test_set.values() for ex in rows[:3]]
     answers = generate_answers(reloaded, tokenizer, samples, batch_size=len(samples))
     sample_rows = []
-    for ex, answer in zip(samples, answers):
+    for ex, answer in zip(samples, answers, strict=True):
         base_answer = before[ex.task].predictions[test_set[ex.task].index(ex)]
         mark = "ok" if is_correct(answer, ex) else "WRONG"
         print(f"  {ex.question:38s} -> {answer!r:16s} [{mark}, expected {ex.answer!r}]  base said: {base_answer!r}")
@@ -257,12 +271,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings["total_cpu"] = time.process_time() - cpu0
 
     summary = {
-        "model": model_path, "method": args.method,
-        "adapter_config": config.to_dict(), "trainable_params": trainable, "lora_params_same_r": lora_params,
-        "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                  "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:])},
-        "before": scores_json(before), "after": scores_json(after),
-        "reload_max_abs_diff": max_diff, "samples": sample_rows, "routing": routing,
+        "model": model_path,
+        "method": args.method,
+        "adapter_config": config.to_dict(),
+        "trainable_params": trainable,
+        "lora_params_same_r": lora_params,
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "first_loss": losses[0],
+            "last_loss": sum(losses[-5:]) / len(losses[-5:]),
+        },
+        "before": scores_json(before),
+        "after": scores_json(after),
+        "reload_max_abs_diff": max_diff,
+        "samples": sample_rows,
+        "routing": routing,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     (output_dir / "quickstart_summary.json").write_text(json.dumps(summary, indent=2, default=str))

