@@ -15,7 +15,9 @@ cached by examples/smollm2.py):
                                  so MiLoRA treats each step as a new prompt.
 
 Reported: tokens/s of the whole ``generate`` call (prefill included) and of the decoding steps alone
-(timed from the first logits-processor call, i.e. after the prefill), and ratios.
+(timed from the first logits-processor call, i.e. after the prefill), ratios, and peak tensor memory
+(weights + adapter, shared weights counted for each, plus the peak allocated during one ``generate``:
+KV cache, activations, logits).
 
     python benchmarks/decode.py [--quick] [--json out.json] [--profile]
 """
@@ -33,8 +35,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import loramix
 from _common import (
     build_llama,
+    cpu_peak_bytes,
     interleaved,
+    live_bytes,
     machine_info,
+    mib,
     parser,
     print_header,
     smollm2_state,
@@ -142,6 +147,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     p.add_argument("--layers", type=int, default=None, help="transformer blocks (default all, quick 6)")
     p.add_argument("--profile", action="store_true", help="profile one batch-1 generate per contender")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     prompt_len = args.prompt or (64 if args.quick else 256)
@@ -202,6 +208,20 @@ def main() -> None:
                 f"| {c.name} | {gen_tps:.1f} | {dec_tps:.1f} | {vs_base:.3f}× | {vs_lora:.3f}× "
                 f"| {1.0 / r['ratio']:.3f}× | {c.routings if c.context is not None else '–'} |"
             )
+        if not args.no_memory:  # one more generate per contender, under the profiler's allocation tracking
+            print("\n| contender | weights + adapter | peak during generate | total | vs base |\n|---|---|---|---|---|")
+            totals = {}
+            for c in contenders:
+                live = live_bytes(c.model, prompt)
+                during = cpu_peak_bytes(lambda c=c, prompt=prompt: c.generate(prompt, new_tokens, pad_id))
+                totals[c.name] = live + during
+                results[c.name].update(live_bytes=live, generate_peak_bytes=during, peak_bytes=live + during)
+            for c in contenders:
+                r = results[c.name]
+                print(
+                    f"| {c.name} | {mib(r['live_bytes'])} | {mib(r['generate_peak_bytes'])} | {mib(r['peak_bytes'])} "
+                    f"| {r['peak_bytes'] / totals[BASE]:.3f}× |"
+                )
         sys.stdout.flush()
         payload["batches"][batch_size] = results
         for name in ("MiLoRA r=32, cached",):

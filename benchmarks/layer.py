@@ -10,7 +10,9 @@ dropout off:
 * ``loop``      the same MoR layer with its mixture computed by a Python loop over experts;
 * ``LoRA N·r``  PEFT LoRA of rank N·r (the arithmetic twin of the efficient form).
 
-The FLOP count of each contender is printed next to its time so the floor is visible. Ratios are
+The FLOP count of each contender is printed next to its time so the floor is visible, and the peak of
+the memory allocated during one forward + backward (activations and gradients; the weights, allocated
+before, are not counted). Ratios are
 medians over rounds of the per-round ratio (both measured in the same round).
 
     python benchmarks/layer.py            # full: 2048 tokens, 15 rounds
@@ -28,6 +30,7 @@ from torch import nn
 import loramix
 import loramix.mor.layer as mor_layer
 from _common import (
+    cpu_peak_bytes,
     fmt_time,
     interleaved,
     machine_info,
@@ -125,9 +128,10 @@ def main() -> None:
     base = frozen_base()
     rows = []
     print(
-        "| N | r | base | LoRA r | MoR | loop | LoRA N·r | loop / MoR | MoR / LoRA N·r | MoR / base | LoRA r / base |"
+        "| N | r | base | LoRA r | MoR | loop | LoRA N·r | loop / MoR | MoR / LoRA N·r | MoR / base | LoRA r / base "
+        "| peak MiB: LoRA r / MoR / loop / LoRA N·r |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in RANKS:
         lora_r = lora_layer(r)
         for n in EXPERTS:
@@ -140,6 +144,7 @@ def main() -> None:
                 "LoRA N·r": call(lora_layer(n * r)),
             }
             res = summarise(interleaved(contenders, rounds=rounds, warmup=warmup, progress=False), "base")
+            peak = {k: cpu_peak_bytes(fn) for k, fn in contenders.items()}  # allocated during one fwd+bwd
             flops = {
                 "base": flops_base(),
                 "LoRA r": flops_lora(r),
@@ -159,6 +164,7 @@ def main() -> None:
                 "mor_over_lora_nr": paired_ratio(res, "MoR", "LoRA N·r"),
                 "mor_over_base": res["MoR"]["ratio"],
                 "lora_r_over_base": res["LoRA r"]["ratio"],
+                "peak_bytes": peak,
             }
             rows.append(row)
             cells = [
@@ -166,7 +172,10 @@ def main() -> None:
                 for k in ("base", "LoRA r", "MoR", "loop", "LoRA N·r")
             ]
             ratios = [row[k] for k in ("loop_over_mor", "mor_over_lora_nr", "mor_over_base", "lora_r_over_base")]
-            print(f"| {n} | {r} | " + " | ".join(cells) + " | " + " | ".join(f"{v:.2f}×" for v in ratios) + " |")
+            mem = " / ".join(f"{peak[k] / 2**20:.1f}" for k in ("LoRA r", "MoR", "loop", "LoRA N·r"))
+            print(
+                f"| {n} | {r} | " + " | ".join(cells) + " | " + " | ".join(f"{v:.2f}×" for v in ratios) + f" | {mem} |"
+            )
             sys.stdout.flush()
 
     at8 = [row for row in rows if row["N"] == 8]
