@@ -35,7 +35,6 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import loramix
 from _common import (
     build_llama,
-    cpu_peak_bytes,
     interleaved,
     live_bytes,
     machine_info,
@@ -44,6 +43,7 @@ from _common import (
     print_header,
     smollm2_state,
     summarise,
+    tensor_peak_bytes,
     write_json,
 )
 
@@ -208,12 +208,12 @@ def main() -> None:
                 f"| {c.name} | {gen_tps:.1f} | {dec_tps:.1f} | {vs_base:.3f}× | {vs_lora:.3f}× "
                 f"| {1.0 / r['ratio']:.3f}× | {c.routings if c.context is not None else '–'} |"
             )
-        if not args.no_memory:  # one more generate per contender, under the profiler's allocation tracking
+        if not args.no_memory:  # one more generate per contender, its tensor allocations tracked
             print("\n| contender | weights + adapter | peak during generate | total | vs base |\n|---|---|---|---|---|")
             totals = {}
             for c in contenders:
                 live = live_bytes(c.model, prompt)
-                during = cpu_peak_bytes(lambda c=c, prompt=prompt: c.generate(prompt, new_tokens, pad_id))
+                during = tensor_peak_bytes(lambda c=c, prompt=prompt: c.generate(prompt, new_tokens, pad_id))
                 totals[c.name] = live + during
                 results[c.name].update(live_bytes=live, generate_peak_bytes=during, peak_bytes=live + during)
             for c in contenders:
