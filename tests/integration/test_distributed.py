@@ -62,22 +62,6 @@ def check_adapter_loads(out: Path, method: str) -> None:
         assert torch.equal(params[name].detach(), value), name
 
 
-def xfail_known_milora_issues(method: str, sharded: bool) -> None:
-    """MiLoRA issues that break distributed training, each with its own minimal test in test_outputs.py.
-
-    DDP needs outputs it can rebuild (Trainer's DDP finds unused parameters itself when activation
-    checkpointing is off); FSDP also needs a gradient for every parameter on every rank.
-    """
-    if method != "milora":
-        return
-    from tests.integration.test_outputs import every_parameter_gets_a_gradient, outputs_survive_pytree_round_trip
-
-    if not outputs_survive_pytree_round_trip(method):
-        pytest.xfail("MiLoRA outputs do not survive DDP's rebuild (test_outputs.py::test_outputs_survive_ddp_rebuild)")
-    if sharded and not every_parameter_gets_a_gradient(method):
-        pytest.xfail("MiLoRA leaves unselected experts without gradient, FSDP needs one (test_outputs.py)")
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
@@ -126,7 +110,6 @@ def fsdp_run(tmp_path_factory):
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_ddp_with_accelerate_and_trainer(ddp_run, method):
     out, log = ddp_run
-    xfail_known_milora_issues(method, sharded=False)
     result = report(out, log, method)
     assert result["distributed_type"] == "DistributedType.MULTI_CPU"
     assert result["backend"] == "gloo" and result["world_size"] == 2
@@ -141,7 +124,6 @@ def test_ddp_with_accelerate_and_trainer(ddp_run, method):
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_fsdp2_sharded_training_matches_unsharded(fsdp_run, method):
     out, log = fsdp_run
-    xfail_known_milora_issues(method, sharded=True)
     result = report(out, log, method)
     assert result["world_size"] == 2 and result["backend"] == "gloo"
     assert result["sharded_adapter_params"] > 0  # adapter parameters are DTensors, sharded over ranks
