@@ -29,6 +29,15 @@ def routers(model) -> dict[str, MiLoRARouter]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MiLoRARouter)}
 
 
+def router_params(router: MiLoRARouter, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The router's tensors of one adapter (pool query, router weight, rational coefficients), detached."""
+    return {
+        attr: getattr(router, attr)[adapter_name].detach()
+        for attr in router.adapter_layer_names
+        if adapter_name in getattr(router, attr)
+    }
+
+
 def experts(model) -> dict[str, Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
 

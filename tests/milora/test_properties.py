@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 from loramix import MiLoRAConfig
-from tests.milora.common import experts, routers
+from tests.milora.common import experts, router_params, routers
 from tests.milora.reference import expert_reference, router_reference
 from tests.milora.test_routing import capture_inputs, capture_router_inputs, record
 from tests.tiny_models import tiny_llama
@@ -98,11 +98,7 @@ def test_model_routers_and_experts_equal_reference(case):
     assert len(routers(model)) == case["blocks"] and len(experts(model)) == 7 * case["blocks"]
     gates_of = {}
     for name, router in routers(model).items():
-        params = {
-            a: getattr(router, a)["default"].detach()
-            for a in router.adapter_layer_names
-            if "default" in getattr(router, a)
-        }
+        params = router_params(router)
         probs, gates = router_reference(
             seen_router[case["router_input"]][name], mask, case["pooler"], params.get("milora_pool_query"),
             case["activation"], params["milora_router"], case["top_k"],

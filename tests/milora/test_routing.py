@@ -17,6 +17,7 @@ from tests.milora.common import (
     probabilities,
     random_tokens,
     right_pad,
+    router_params,
     routers,
     selections,
 )
@@ -61,11 +62,7 @@ def test_routers_of_a_real_model_match_the_reference(pooler, router_input):
     for handle in handles:
         handle.remove()
     for name, router in routers(model).items():
-        params = {
-            attr: getattr(router, attr)["default"].detach()
-            for attr in router.adapter_layer_names
-            if "default" in getattr(router, attr)
-        }
+        params = router_params(router)
         probs, gates = router_reference(
             seen[router_input][name], mask, pooler, params.get("milora_pool_query"), "rational",
             params["milora_router"], 2, params["milora_rational_num"], params["milora_rational_den"],
