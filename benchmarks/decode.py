@@ -72,27 +72,27 @@ class Contender:
         self._generate = generate or model.generate
         self.decode_s: list[float] = []
         self.routings = 0
-        if reroute_on is not None:  # the ablation: MiLoRA must not recognise its own cache
-            from loramix.milora.routing import CACHE_TAG
+        if reroute_on is not None:  # the ablation: MiLoRA must not reuse the routing of its prompt
+            from loramix import routing as routing_module
 
             def forget_routing(module, args, kwargs):
-                cache = kwargs.get("past_key_values")
-                if cache is not None and hasattr(cache, CACHE_TAG):
-                    delattr(cache, CACHE_TAG)
+                generation = routing_module._GENERATION.get()
+                if generation is not None:
+                    generation.pop("routing", None)
+                routing_module._CACHE_ROUTING.clear()
                 return None
 
             reroute_on.register_forward_pre_hook(forget_routing, with_kwargs=True, prepend=True)
-        self.context = None
-        if hasattr(loramix, "MiLoRAConfig"):
-            from loramix.milora.routing import CONTEXT_ATTR
+        self.context = None  # counts the forwards that routed (MiLoRA: once per generate, unless re-routing)
+        if any(hasattr(m, "milora_router") for m in model.modules()):
+            from loramix.routing import subscribe
 
-            for module in model.modules():
-                if CONTEXT_ATTR in module.__dict__:
-                    self.context = module.__dict__[CONTEXT_ATTR]
+            self.context = {"routed": 0}
+            subscribe(model, lambda records, outputs: self.context.__setitem__("routed", self.context["routed"] + 1))
 
     def generate(self, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
         clock = StepClock()
-        epoch0 = self.context.epoch if self.context is not None else 0
+        routed0 = self.context["routed"] if self.context is not None else 0
         with torch.inference_mode():
             out = self._generate(
                 input_ids=prompt,
@@ -107,7 +107,7 @@ class Contender:
         end = time.perf_counter()
         self.decode_s.append(end - clock.first)
         if self.context is not None:
-            self.routings = self.context.epoch - epoch0
+            self.routings = self.context["routed"] - routed0
         assert out.shape[1] == prompt.shape[1] + new_tokens, out.shape
         return out
 

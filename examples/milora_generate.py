@@ -78,18 +78,18 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     examples = [rows[0] for rows in test.values()]
     inputs = left_padded_prompts(tokenizer, examples)
-    with torch.no_grad():
+    with torch.no_grad(), loramix.routing.capture_routing(model) as records:  # what the routers chose
         tokens = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     for example, row in zip(examples, tokens, strict=True):
         answer = tokenizer.decode(row[inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         print(f"{example.question!r:45} -> {answer!r}  (reference {example.answer!r})")
-    routing = model.base_model.routing()
-    names = next(m for m in model.modules() if isinstance(m, loramix.milora.MiLoRARouter)).expert_names["default"]
-    for block in list(routing)[:3]:
-        chosen = [
-            [names[i].rsplit(".", 1)[-1] for i in row.nonzero().flatten().tolist()] for row in routing[block].selected
-        ]
-        print(f"{block}: experts per prompt {chosen}")
+    print(
+        f"{len(records)} router calls for {tokens.shape[1] - inputs['input_ids'].shape[1]} new tokens (one per block)"
+    )
+    for record in records[:3]:
+        names = record.layer.expert_names["default"]
+        chosen = [[names[i].rsplit(".", 1)[-1] for i in row.nonzero().flatten().tolist()] for row in record.selected]
+        print(f"block {records.index(record)}: experts per prompt {chosen}")
 
     # Save and reload: the routers are saved with the experts (adapter_model.safetensors).
     model.save_pretrained(args.out)

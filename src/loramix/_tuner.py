@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ._loading import check_adapter_state_dict
+from .routing import generation_routing, install_session_hooks, remove_session_hooks
 
 
 def reject_mixed_adapter_batches(kwargs: dict[str, Any]) -> None:
@@ -20,9 +21,19 @@ def reject_mixed_adapter_batches(kwargs: dict[str, Any]) -> None:
 
 
 class LoramixTunerMixin:
-    """Strict adapter loading and refusal of unsupported PEFT forward arguments."""
+    """Routing sessions on the adapted model (:mod:`loramix.routing`), strict adapter loading, and refusal of
+    unsupported PEFT forward arguments."""
 
     prefix: str
+
+    def inject_adapter(self, model, adapter_name: str, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, **kwargs)
+        install_session_hooks(model)  # also on transformers' load_adapter path, which keeps no tuner
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        remove_session_hooks(model)
+        return model
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -40,6 +51,13 @@ class LoramixTunerMixin:
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """PeftModel wraps forward and generate in this context."""
+        """Every ``PeftModel`` (with or without ``task_type``) wraps ``forward`` and ``generate`` in this context.
+
+        Its forwards reuse the routing of the first one (:func:`~loramix.routing.generation_routing`): a
+        ``generate`` routes once, on the prompt, with the KV cache on or off, greedy, sampling, beam search
+        (transformers repeats each prompt for its beams before the first step, so beams share its routing)
+        and ``num_return_sequences``; a plain forward is one forward.
+        """
         reject_mixed_adapter_batches(kwargs)
-        yield
+        with generation_routing():
+            yield

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .routing import subscribe
+
 __all__ = [
     "RoutingRecorder",
     "plot_routing",
@@ -68,11 +70,6 @@ def _peft_config(model: nn.Module, adapter_name: str | None):
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has {sorted(configs)}.")
     return adapter_name, configs[adapter_name]
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (activation checkpointing re-running a forward)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class _Accumulator:
@@ -130,11 +127,13 @@ class _Accumulator:
 
 
 class RoutingRecorder:
-    """Accumulates router statistics from the forward passes of a loramix model, through hooks.
+    """Accumulates router statistics from the forward passes of a loramix model.
 
-    ``with RoutingRecorder(model) as rec: model(**batch)`` ... then ``rec.summary()``. Forward passes
-    re-run by activation checkpointing during backward are not counted twice. Padding (``attention_mask``
-    0) is left out. Set ``rec.tasks`` to one label per sequence of the next batch for per-task statistics
+    ``with RoutingRecorder(model) as rec: model(**batch)`` ... then ``rec.summary()``. It subscribes to the
+    records the routers write into each forward's :class:`~loramix.routing.RoutingSession` (no router is
+    computed twice); forward passes re-run by activation checkpointing during backward record nothing, and
+    decoding steps that reuse a prompt's routing neither. Padding (``attention_mask`` 0) is left out.
+    Set ``rec.tasks`` to one label per sequence of the next batch for per-task statistics
     (:func:`router_statistics` does it from a ``"task"`` entry of each batch).
 
     Args:
@@ -152,34 +151,40 @@ class RoutingRecorder:
         self.training_only = training_only
         self.record_routing = True  # False: only aux_loss is recorded (the callback's steps in between)
         self.tasks: Sequence[str] | None = None
-        self._mask: torch.Tensor | None = None
         self._layers: dict[str, _Accumulator] = {}
         self._aux_sum: torch.Tensor | None = None
         self._aux_count = 0
-        self._handles: list[Any] = []
-        self._last_states: dict[str, Any] = {}
+        self._handle: Any = None
+        self._names: dict[nn.Module, str] = {}
         self._task_names: list[str] = []
         self._task_cache: tuple | None = None
         self.expert_names: list[str] | None = None
 
-    # -- hooks -----------------------------------------------------------------------------------
+    # -- subscription ----------------------------------------------------------------------------
     def attach(self) -> RoutingRecorder:
-        """Install the hooks (idempotent)."""
-        if self._handles:
+        """Subscribe to the model's routing records (idempotent)."""
+        if self._handle is not None:
             return self
-        self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._post_hook, with_kwargs=True))
+        base = getattr(self.model, "base_model", self.model)
+        root = getattr(base, "model", base)
+        attr = "mor_router" if self.method == "mor" else "milora_router"
+        self._names = {m: n for n, m in root.named_modules() if self.adapter_name in (getattr(m, attr, None) or {})}
+        if not self._names:
+            what = "learnable MoR router (router='mean' does not route)" if self.method == "mor" else "MiLoRA router"
+            raise ValueError(f"adapter {self.adapter_name!r} has no {what} in this model.")
         if self.method == "mor":
-            self._attach_mor()
-        else:
-            self._attach_milora()
+            self.expert_names = [f"E{i + 1}" for i in range(self.config.num_experts)]
+        else:  # per block: the router's name without its anchor
+            self._names = {m: n.rsplit(".", 1)[0] for m, n in self._names.items()}
+            self.expert_names = _milora_expert_names(self.model, self.adapter_name)
+        self._handle = subscribe(self.model, self._on_forward)
         return self
 
     def detach(self) -> None:
-        """Remove the hooks; the statistics gathered so far stay."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Stop recording; the statistics gathered so far stay."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     def __enter__(self) -> RoutingRecorder:
         return self.attach()
@@ -187,84 +192,23 @@ class RoutingRecorder:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    def _active(self) -> bool:
-        if _in_backward():
-            return False
-        return self.model.training or not self.training_only
-
-    def _routing_active(self) -> bool:
-        return self.record_routing and self._active()
-
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1:  # forward(input_ids, attention_mask, ...)
-            mask = args[1]
-        self._mask = mask if isinstance(mask, torch.Tensor) else None
-
-    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
-        if not self._active():
+    def _on_forward(self, records: list, outputs: Any) -> None:
+        """A forward of the model ran routers (decoding steps that reuse a routing bring no records)."""
+        if not (self.model.training or not self.training_only):
             return
-        aux = outputs.get("aux_loss") if isinstance(outputs, Mapping) else getattr(outputs, "aux_loss", None)
+        aux = outputs.get("aux_loss") if isinstance(outputs, Mapping) else None
         if isinstance(aux, torch.Tensor):
             aux = aux.detach().float()
             self._aux_sum = aux if self._aux_sum is None else self._aux_sum + aux
             self._aux_count += 1
-        self._mask = None
-
-    def _attach_mor(self) -> None:
-        from .mor.functional import router_probs
-        from .mor.layer import MoRLayer
-
-        name = self.adapter_name
-        n = self.config.num_experts
-        self.expert_names = [f"E{i + 1}" for i in range(n)]
-        base = getattr(self.model, "base_model", self.model)
-        root = getattr(base, "model", base)
-        count = 0
-        for key, module in root.named_modules():
-            if not isinstance(module, MoRLayer) or name not in module.mor_router:
+        if not self.record_routing:
+            return
+        for record in records:
+            layer = self._names.get(record.layer)
+            if layer is None or record.adapter != self.adapter_name:
                 continue
-
-            def hook(mod, args, output, key=key):
-                if not self._routing_active() or name not in mod.active_adapters or mod.disable_adapters:
-                    return
-                with torch.no_grad():
-                    x = mod._cast_input_dtype(args[0], mod.mor_A[name].dtype)
-                    probs = router_probs(x, mod.mor_router[name], n)
-                self._add(key, probs, mask=self._mask)
-
-            self._handles.append(module.register_forward_hook(hook))
-            count += 1
-        if not count:
-            self.detach()
-            raise ValueError(f"adapter {name!r} has no learnable MoR router (router='mean' does not route).")
-
-    def _attach_milora(self) -> None:
-        # Hooks on the per-block routers, so that generate() (which bypasses PeftModel.forward) counts too.
-        name = self.adapter_name
-        self.expert_names = _milora_expert_names(self.model, name)
-        base = getattr(self.model, "base_model", self.model)
-        root = getattr(base, "model", base)
-        count = 0
-        for key, module in root.named_modules():
-            names = getattr(module, "expert_names", None)
-            if not (isinstance(names, dict) and name in names and callable(getattr(module, "routing", None))):
-                continue
-            block = key.rsplit(".", 1)[0]
-
-            def hook(mod, args, output, block=block):
-                state = mod.routing(name)
-                if state is None or not self._routing_active() or self._last_states.get(block) is state:
-                    return  # no routing, or a decoding step reusing its prompt's routing (counted once)
-                self._last_states[block] = state
-                probs = state.probs.detach().float()
-                self._add(block, probs, mask=None, selected=state.selected.detach().to(probs.dtype))
-
-            self._handles.append(module.register_forward_hook(hook))
-            count += 1
-        if not count:
-            self.detach()
-            raise ValueError(f"adapter {name!r} has no MiLoRA router in this model.")
+            selected = None if record.selected is None else record.selected.detach().float()
+            self._add(layer, record.probs.detach().float(), mask=record.mask, selected=selected)
 
     def _add(
         self,

@@ -52,9 +52,9 @@ class RouterStatsCallback(TrainerCallback):
     * ``router_max_usage``: the largest share of rows any expert gets, mean over layers.
 
     With ``per_layer=True`` it also logs ``router_entropy/<layer>`` and ``router_balance/<layer>``.
-    Statistics cost one extra router product per adapted layer (no grad), skipped on the forward passes
-    that activation checkpointing re-runs in backward; ``every_n_steps=n`` gathers them on every n-th
-    optimizer step only (``aux_loss`` is recorded on every step). An adapter without a learnable
+    Statistics are read from the routers' own records of each forward (no extra router product);
+    ``every_n_steps=n`` gathers them on every n-th optimizer step only (``aux_loss`` is recorded on
+    every step). An adapter without a learnable
     router (plain LoRA, MoR ``router="mean"``) makes the callback warn once and log nothing.
 
     Reporting integrations (TensorBoard, W&B, ...) see these values only if this callback runs before

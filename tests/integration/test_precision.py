@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-import loramix.mor.layer as mor_layer
+import loramix.mor.functional as mor_functional
 from tests.integration.helpers import METHOD_NAMES, TokenDataset, peft_model, sequences
 from tests.tiny_models import tiny_llama
 
@@ -27,14 +27,14 @@ def batch(rows=2, length=12):
 def router_dtypes(monkeypatch):
     """dtypes of the router probabilities MoR computes (MiLoRA: of its router logits, from the outputs)."""
     seen = []
-    original = mor_layer.router_probs
+    original = mor_functional.router_probs
 
     def spy(*args, **kwargs):
         probs = original(*args, **kwargs)
         seen.append(probs.dtype)
         return probs
 
-    monkeypatch.setattr(mor_layer, "router_probs", spy)
+    monkeypatch.setattr(mor_functional, "router_probs", spy)
     return seen
 
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+import weakref
+
 import torch
 from peft import get_peft_model
+from transformers import LlamaForCausalLM
 
 from loramix import MiLoRAConfig
 from loramix.milora.layer import Linear, MiLoRARouter
+from loramix.routing import subscribe
 from tests.tiny_models import tiny_llama
 
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache`
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -22,7 +29,29 @@ def milora_model(seed: int = 0, base=None, adapter_name: str = "default", **conf
     """A tiny LLaMA with a random (``init_weights=False``) MiLoRA adapter: r=4, top_k=2, no dropout."""
     config = {"r": 4, "top_k": 2, "lora_dropout": 0.0, "init_weights": False, **config}
     base = wide_llama(seed) if base is None else base
-    return get_peft_model(base, MiLoRAConfig(task_type="CAUSAL_LM", **config), adapter_name=adapter_name)
+    return watch(get_peft_model(base, MiLoRAConfig(task_type="CAUSAL_LM", **config), adapter_name=adapter_name))
+
+
+_LATEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def watch(model):
+    """Keep the latest routing record of every router of ``model`` (a ``loramix.routing`` subscription)."""
+    names = {module: name for name, module in model.named_modules()}
+    latest: dict[tuple[str, str], object] = {}
+
+    def keep(records, outputs) -> None:
+        for record in records:
+            latest[(names.get(record.layer) or record.layer, record.adapter)] = record
+
+    subscribe(model, keep)
+    _LATEST[model] = latest
+    return model
+
+
+def latest(model, name: str, adapter_name: str = "default"):
+    """The record of the latest forward that routed, for router ``name`` (see :func:`watch`)."""
+    return _LATEST[model][(name, adapter_name)]
 
 
 def routers(model) -> dict[str, MiLoRARouter]:
@@ -44,11 +73,11 @@ def experts(model) -> dict[str, Linear]:
 
 def selections(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The latest (batch, N) expert selection of every block."""
-    return {name: r.routing(adapter_name).selected.clone() for name, r in routers(model).items()}
+    return {name: latest(model, name, adapter_name).selected.clone() for name in routers(model)}
 
 
 def probabilities(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    return {name: r.routing(adapter_name).probs.detach().clone() for name, r in routers(model).items()}
+    return {name: latest(model, name, adapter_name).probs.detach().clone() for name in routers(model)}
 
 
 def logits(model, **inputs) -> torch.Tensor:

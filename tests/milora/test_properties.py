@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 from loramix import MiLoRAConfig
-from tests.milora.common import experts, router_params, routers
+from tests.milora.common import experts, latest, router_params, routers, watch
 from tests.milora.reference import expert_reference, router_reference
 from tests.milora.test_routing import capture_inputs, capture_router_inputs, record
 from tests.tiny_models import tiny_llama
@@ -79,7 +79,7 @@ def test_model_routers_and_experts_equal_reference(case):
         activation=case["activation"], router_input=case["router_input"], use_dora=case["use_dora"],
         lora_dropout=0.0, init_weights=False, task_type="CAUSAL_LM",
     )  # fmt: skip
-    model = get_peft_model(base, config).to(case["dtype"]).eval()
+    model = watch(get_peft_model(base, config).to(case["dtype"]).eval())
     dtype = case["dtype"]
     ids, mask = padded_batch(case["lengths"], case["left"], case["seed"])
 
@@ -104,7 +104,7 @@ def test_model_routers_and_experts_equal_reference(case):
             case["activation"], params["milora_router"], case["top_k"],
             params.get("milora_rational_num"), params.get("milora_rational_den"),
         )  # fmt: skip
-        state = router.routing("default")
+        state = latest(model, name)
         assert state.probs.dtype == torch.float32
         assert torch.allclose(state.probs.double(), probs, atol=PROB_TOLERANCE[dtype]), case
         # The top-k choice is only defined up to rounding when the k-th and (k+1)-th probabilities nearly tie.
@@ -114,8 +114,8 @@ def test_model_routers_and_experts_equal_reference(case):
                 bool(((ordered[:, case["top_k"] - 1] - ordered[:, case["top_k"]]) > 4 * PROB_TOLERANCE[dtype]).all())
             )
         assert torch.equal(state.selected, gates > 0), case
-        assert torch.allclose(state.gates.double(), gates, atol=PROB_TOLERANCE[dtype]), case
-        gates_of[name.rsplit(".", 1)[0]] = state.gates
+        assert torch.allclose((state.probs * state.selected).double(), gates, atol=PROB_TOLERANCE[dtype]), case
+        gates_of[name.rsplit(".", 1)[0]] = state.probs * state.selected
 
     for name, expert in experts(model).items():
         block = next(b for b in gates_of if name.startswith(b + "."))

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from loramix.milora.layer import MiLoRARouter
-from loramix.milora.routing import build_pool_mask
+from loramix.routing import build_pool_mask
 from tests.milora.common import (
+    CACHE,
     experts,
+    latest,
     left_pad,
     logits,
     milora_model,
@@ -67,9 +69,9 @@ def test_routers_of_a_real_model_match_the_reference(pooler, router_input):
             seen[router_input][name], mask, pooler, params.get("milora_pool_query"), "rational",
             params["milora_router"], 2, params["milora_rational_num"], params["milora_rational_den"],
         )  # fmt: skip
-        state = router.routing("default")
+        state = latest(model, name)
         assert torch.allclose(state.probs.double(), probs, atol=1e-5)
-        assert torch.allclose(state.gates.double(), gates, atol=1e-5)
+        assert torch.allclose((state.probs * state.selected).double(), gates, atol=1e-5)
     assert not torch.allclose(seen["normalized"][name], seen["residual"][name])  # the choice matters
 
 
@@ -84,7 +86,8 @@ def test_experts_add_their_gated_update_to_the_selected_rows_only(use_dora):
     logits(model, input_ids=ids, attention_mask=mask)
     for handle in handles:
         handle.remove()
-    gates = routers(model)["base_model.model.model.layers.1.input_layernorm"].routing("default").gates
+    state = latest(model, "base_model.model.model.layers.1.input_layernorm")
+    gates = state.probs * state.selected
     assert 0 < int((gates > 0).any(0).sum()) and bool((gates > 0).sum(0).lt(4).any())  # some experts for some rows
     for name, expert in layer_experts.items():
         base = expert.get_base_layer()
@@ -149,8 +152,8 @@ def test_greedy_generate_with_cache_equals_recomputation_routed_on_the_prompt():
     assert torch.equal(without_cache, with_cache)
 
 
-def test_router_runs_once_per_block_per_prompt(monkeypatch):
-    model = milora_model().eval()
+def count_routes(monkeypatch) -> dict[int, int]:
+    """Calls of ``MiLoRARouter.route`` per router (by id), counted from now on."""
     calls: dict[int, int] = {}
     original = MiLoRARouter.route
 
@@ -159,6 +162,12 @@ def test_router_runs_once_per_block_per_prompt(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(MiLoRARouter, "route", counted)
+    return calls
+
+
+def test_router_runs_once_per_block_per_prompt(monkeypatch):
+    model = milora_model().eval()
+    calls = count_routes(monkeypatch)
     blocks = [id(r) for r in routers(model).values()]
     prompt = random_tokens((1, 6), 3)
     tokens = model.generate(
@@ -170,20 +179,94 @@ def test_router_runs_once_per_block_per_prompt(monkeypatch):
     with torch.no_grad():
         out = model(input_ids=prompt)  # a forward without cache routes
         assert calls == {b: 3 for b in blocks}
-        model(input_ids=tokens[:, 6:7], past_key_values=out.past_key_values)  # continuing that cache reuses it
+        model(input_ids=tokens[:, 6:7], **{CACHE: out[CACHE]})  # continuing that cache reuses it
         assert calls == {b: 3 for b in blocks}
         model(input_ids=tokens[:, 6:8], use_cache=False)  # a new forward without cache routes again
         assert calls == {b: 4 for b in blocks}
 
 
-def test_a_replaced_routing_refuses_its_old_cache():
+def test_each_cache_keeps_the_routing_of_its_own_prompt():
+    """Two conversations decoded in turns: each continuation uses the routing of its own prompt."""
+    model = milora_model().eval()
+    prompts = [random_tokens((1, 5), 1), random_tokens((1, 7), 2)]
+    nxt = [random_tokens((1, 1), 3), random_tokens((1, 1), 4)]
+    with torch.no_grad():
+        caches = [model(input_ids=p)[CACHE] for p in prompts]
+        for prompt, token, cache in zip(prompts, nxt, caches, strict=True):
+            continued = model(input_ids=token, **{CACHE: cache}).logits[:, -1]
+            full = torch.cat([prompt, token], dim=1)
+            prompt_mask = torch.ones_like(full)
+            prompt_mask[:, -1] = 0  # the reference routes on the prompt alone, with no cache
+            expected = model(input_ids=full, prompt_mask=prompt_mask, use_cache=False).logits[:, -1]
+            assert torch.allclose(continued, expected, atol=1e-5)
+
+
+def test_a_cache_without_a_known_routing_is_refused():
     model = milora_model().eval()
     with torch.no_grad():
-        first = model(input_ids=random_tokens((1, 5), 1)).past_key_values
-        second = model(input_ids=random_tokens((1, 5), 2)).past_key_values
-        model(input_ids=random_tokens((1, 1), 3), past_key_values=second)
-        with pytest.raises(RuntimeError, match="routed for an earlier prompt"):
-            model(input_ids=random_tokens((1, 1), 3), past_key_values=first)
+        with model.disable_adapter():
+            cache = model(input_ids=random_tokens((1, 5), 1))[CACHE]  # produced with no routing at all
+        with pytest.raises(RuntimeError, match="continues a KV cache, but no routing"):
+            model(input_ids=random_tokens((1, 1), 3), **{CACHE: cache})
+
+
+def test_a_prompt_mask_of_another_shape_is_refused():
+    model = milora_model().eval()
+    with pytest.raises(ValueError, match="prompt_mask must be"):
+        model(input_ids=random_tokens((2, 5), 1), prompt_mask=torch.ones(2, 4))
+
+
+def reference_logits(model, sequences, attention_mask, prompt_length):
+    """Logits of every position of ``sequences``, routed on the first ``prompt_length`` columns (no cache)."""
+    prompt_mask = torch.zeros_like(attention_mask)
+    prompt_mask[:, :prompt_length] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return logits(
+        model, input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+        prompt_mask=prompt_mask, use_cache=False,
+    )  # fmt: skip
+
+
+GENERATION_MODES = {
+    "greedy": {"do_sample": False},
+    "sample": {"do_sample": True, "top_k": 0},
+    "sample-3-sequences": {"do_sample": True, "top_k": 0, "num_return_sequences": 3},
+    "beam-3": {"num_beams": 3, "num_return_sequences": 2, "length_penalty": 0.0, "early_stopping": False},
+}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("mode", list(GENERATION_MODES))
+def test_every_generation_mode_routes_once_on_the_prompt(mode, use_cache, monkeypatch):
+    """Each generated token is scored exactly as an independent forward over the whole sequence that routes on
+    the prompt alone scores it; the routers run once per block per generate call."""
+    model = milora_model().eval()
+    ids, mask = left_pad([random_tokens(7, 11), random_tokens(4, 12)])
+    calls = count_routes(monkeypatch)
+    torch.manual_seed(0)
+    new = 6
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, use_cache=use_cache,
+        return_dict_in_generate=True, output_logits=True, output_scores=True, **GENERATION_MODES[mode],
+    )  # fmt: skip
+    assert calls == {id(r): 1 for r in routers(model).values()}
+    copies = out.sequences.shape[0] // ids.shape[0]
+    full_mask = torch.cat([mask.repeat_interleave(copies, 0), torch.ones(out.sequences.shape[0], new)], 1).long()
+    reference = reference_logits(model, out.sequences, full_mask, ids.shape[1])[:, ids.shape[1] - 1 : -1]
+    if mode.startswith("beam"):  # beams are reordered at every step: compare each sequence's score instead
+        tokens = out.sequences[:, ids.shape[1] :]
+        logprob = torch.log_softmax(reference, -1).gather(-1, tokens.unsqueeze(-1)).sum((-1, -2))
+        assert torch.allclose(out.sequences_scores, logprob, atol=1e-4)
+    else:
+        assert torch.allclose(torch.stack(out.logits, dim=1), reference, atol=1e-4)
+
+
+def test_generate_without_cache_on_an_unpadded_batch_routes_on_the_prompts(monkeypatch):
+    """With several unpadded prompts and no attention mask, generate(use_cache=False) routes on the prompts."""
+    model = milora_model().eval()
+    ids = random_tokens((3, 5), 7)
+    tokens = model.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(tokens, greedy_without_cache(model, ids, torch.ones_like(ids), 8))
 
 
 def test_training_routes_on_the_prompt_marked_by_labels():
@@ -233,5 +316,5 @@ def test_pool_mask_rules():
     longer = build_pool_mask(torch.ones(2, 6), None, None, 4)  # attention mask covers a cache in front
     assert longer.shape == (2, 4)
     assert build_pool_mask(None, None, None, 4) is None
-    with_generate = build_pool_mask(torch.ones(1, 6), None, None, 6, prompt_len=4)
-    assert with_generate.tolist() == [[True] * 4 + [False] * 2]
+    with pytest.raises(ValueError, match="do not match"):
+        build_pool_mask(torch.ones(2, 4), None, torch.ones(2, 3), 4)

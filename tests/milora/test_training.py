@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from loramix.milora.bilevel import MiLoRABilevelCallback, architecture_step, split_milora_parameters
-from tests.milora.common import left_pad, milora_model, random_tokens, routers
+from tests.milora.common import latest, left_pad, milora_model, random_tokens, routers
 from tests.milora.reference import balance_reference, router_reference
 
 ROUTER_PARAMS = ("milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
@@ -32,14 +32,14 @@ def test_gradients_reach_routers_activations_and_selected_experts_only():
     for name, router in routers(model).items():
         for attr in ROUTER_PARAMS:
             assert got[f"{name}.{attr}.default"].abs().sum() > 0, (name, attr)
-        selected = router.routing("default").selected.any(0)
+        selected = latest(model, name).selected.any(0)
         block = name.rsplit(".", 1)[0]
         for index, expert_name in enumerate(router.expert_names["default"]):
             for attr in ("milora_A", "milora_B"):
                 key = f"{block}.{expert_name}.{attr}.default"
                 # unselected experts get exact zeros (not None: DDP/FSDP reduce every parameter's gradient)
                 assert bool(got[key].abs().sum() > 0) == bool(selected[index]), key
-    assert any(not r.routing("default").selected.any(0).all() for r in routers(model).values())  # some unselected
+    assert any(not latest(model, n).selected.any(0).all() for n in routers(model))  # some unselected
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -84,7 +84,8 @@ def test_aux_loss_value_and_when_it_is_added():
     assert out.loss.item() == pytest.approx(lm.item() + coef * out.aux_loss.item(), rel=1e-5)  # training: added
     with torch.no_grad():
         evaluated = model.eval()(**inputs)
-    assert evaluated.loss.item() == pytest.approx(lm.item(), rel=1e-5)  # eval: reported, not added
+    # evaluation: added too, as in transformers' MoE models (and MoR): one rule whenever labels are given
+    assert evaluated.loss.item() == pytest.approx(lm.item() + coef * out.aux_loss.item(), rel=1e-5)
     assert evaluated.aux_loss.item() == pytest.approx(out.aux_loss.item(), rel=1e-5)
     with model.disable_adapter(), torch.no_grad():
         assert "aux_loss" not in model(**inputs)

@@ -132,16 +132,16 @@ def test_fresh_adapter_is_a_no_op():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_router_softmax_stays_float32_under_autocast(dtype, monkeypatch):
-    from loramix.mor import layer as layer_module
+    from loramix.mor import functional as functional_module
 
     seen = []
-    original = layer_module.mor_delta
+    original = functional_module.mor_delta
 
     def spy(x, lora_A, lora_B, omega_A, omega_B, probs, scaling):
         seen.append(probs.dtype)
         return original(x, lora_A, lora_B, omega_A, omega_B, probs, scaling)
 
-    monkeypatch.setattr(layer_module, "mor_delta", spy)
+    monkeypatch.setattr(functional_module, "mor_delta", spy)
     layer = make_layer(16, 8, 4, 4)
     x = torch.randn(3, 16) * 1e3  # large logits: a low-precision softmax would saturate
     with torch.autocast("cpu", dtype=dtype):

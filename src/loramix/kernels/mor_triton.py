@@ -1,6 +1,6 @@
 """Fused Triton kernels for the MoR update, forward and backward.
 
-The maths is that of :mod:`loramix.mor.functional` (DESIGN.md §2, "the efficient form")::
+The maths is that of :mod:`loramix.mor.functional` (MoR paper Eq. 11 and 15 as one rank-N·r LoRA)::
 
     z      = A x                         (T, r)      } one pass over x
     G      = softmax(W_r x)              (T, N)      }  (kernel ``_proj``)
@@ -523,12 +523,16 @@ def mor_linear(
     """
     if x_router is x:
         x_router = None
-    if x.shape[:-1].numel() == 0:  # no tokens: nothing to launch; the PyTorch path returns empty tensors
-        from ..mor.functional import mor_delta, router_probs
-
-        probs = router_probs(x if x_router is None else x_router, router, omega_A.shape[0])
-        delta = mor_delta(x, lora_A, lora_B, omega_A, omega_B, probs, scaling)
-        return (delta if residual is None else residual + delta.to(residual.dtype)), probs
+    if x.shape[:-1].numel() == 0:  # nothing to launch: the same maths on empty tensors (zero gradients)
+        x_r, n = (x if x_router is None else x_router), omega_A.shape[0]
+        if router is None:
+            probs = x_r.new_full((*x_r.shape[:-1], n), 1.0 / n, dtype=torch.float32)
+        else:
+            probs = torch.softmax(x_r.float() @ router.float().T, dim=-1)
+        y = (probs.to(x.dtype).unsqueeze(-1) * omega_A * (x @ lora_A.T).unsqueeze(-2)).flatten(-2)
+        b_eff = (omega_B.unsqueeze(-1) * lora_B * scaling).transpose(0, 1).reshape(lora_B.shape[0], -1)
+        out = y @ b_eff.T
+        return (out if residual is None else residual + out.to(residual.dtype)), probs
     device_type = x.device.type
     compute_dtype = x.dtype
     if torch.is_autocast_enabled(device_type) and x.is_floating_point():

@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
+
 POOLERS = ("attention", "mean", "last", "max")
 ACTIVATIONS = ("rational", "gelu", "relu", "identity")
 
@@ -141,6 +143,29 @@ def top_k_gates(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Te
     gates = torch.zeros_like(probs).scatter(-1, index, values)
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
     return gates, selected
+
+
+def gated_lora(x, out, lora_A, lora_B, rows, factor, dropout=None) -> torch.Tensor:
+    """``out`` plus one expert's gated update ``factor · B A dropout(x)`` on the rows ``rows``.
+
+    The one entry point of an expert's maths (paper Eq. 3: ``w_i · Δ_i(x)``): ``rows`` (S,) are the
+    sequences whose prompt selected the expert (``None``: all), ``factor`` (S, 1, ..., 1) their router
+    weight times ``lora_alpha / r``. At inference on CUDA a Triton gather-LoRA adds into ``out`` in place
+    (:func:`loramix.kernels.segmented_lora`); elsewhere gather, LoRA, scatter-add in PyTorch.
+    """
+    if dropout is None and not torch.is_grad_enabled() and kernels.use_triton(x):
+        rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+        return kernels.segmented_lora(x, lora_A, lora_B, rows, factor.reshape(-1), 1.0, out=out)
+    if rows is not None:
+        x = x.index_select(0, rows)
+    delta = F.linear(F.linear(x if dropout is None else dropout(x), lora_A), lora_B)
+    return add_rows(out, delta * factor.to(delta.dtype), rows)
+
+
+def add_rows(out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``out + delta`` (``rows`` None) or ``out`` with ``delta`` added to the rows ``rows``."""
+    delta = delta.to(out.dtype)
+    return out + delta if rows is None else out.index_add(0, rows, delta)
 
 
 def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Both live inside the model's module tree as ordinary PEFT tuner layers, so PEFT's save/load,
 ``set_adapter``, ``disable_adapter``, ``delete_adapter``, ``requires_grad`` handling, dtype casts and
 ``unload`` — and transformers' ``model.load_adapter``, which keeps no tuner object — cover them with
-no special code. An expert holds a plain (non-module) reference to its block's router and reads the
-router's decision for the current batch.
+no special code. Routers and experts share nothing but the forward's
+:class:`~loramix.routing.RoutingSession`: the router of a block puts its decision there, and the
+block's experts, which run after it, read it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,57 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .. import kernels
+from ..balance import attach_pending
+from ..routing import RouterRecord, RoutingSession, current_session
 from . import functional as F_milora
 from .config import MiLoRAConfig
-from .routing import RoutingState
+
+
+class RoutingState:
+    """One router's decision for one adapter and one batch of prompts (MiLoRA paper Eq. 3).
+
+    ``logits``/``probs``/``gates`` are ``(B, N)`` float32, ``selected`` ``(B, N)`` bool. :meth:`plan`
+    tells expert ``i`` which rows it runs on; it costs one device-to-host copy per state (per block
+    per prompt), never one per decoding step.
+    """
+
+    __slots__ = ("logits", "probs", "gates", "selected", "_plans", "_selected_host", "_factors")
+
+    def __init__(self, logits, probs, gates, selected) -> None:
+        self.logits, self.probs, self.gates, self.selected = logits, probs, gates, selected
+        self._plans: dict[int, tuple[torch.Tensor | None, torch.Tensor] | None] = {}
+        self._selected_host: torch.Tensor | None = None
+        self._factors: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.gates.shape[0]
+
+    def plan(self, expert: int) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """``None`` if no row selected the expert, else ``(rows, gate)``: ``rows`` is ``None`` when every
+        row selected it, else the indices of those that did; ``gate`` their router weights (with grad)."""
+        if expert not in self._plans:
+            if self._selected_host is None:
+                self._selected_host = self.selected.cpu()
+            column = self._selected_host[:, expert]
+            if not bool(column.any()):
+                plan = None
+            elif bool(column.all()):
+                plan = (None, self.gates[:, expert])
+            else:
+                rows = column.nonzero().flatten().to(self.gates.device)
+                plan = (rows, self.gates.index_select(0, rows)[:, expert])
+            self._plans[expert] = plan
+        return self._plans[expert]
+
+    def factor(self, expert: int, scale: float, dtype: torch.dtype, ndim: int) -> torch.Tensor:
+        """``scale · gate`` of :meth:`plan`, shaped ``(rows, 1, ..., 1)``; cached, so decoding steps reuse it."""
+        key = (expert, scale, dtype, ndim)
+        value = self._factors.get(key)
+        if value is None:
+            value = (self.plan(expert)[1] * scale).to(dtype).view(-1, *([1] * (ndim - 1)))
+            self._factors[key] = value
+        return value
 
 
 class MiLoRATunerLayer(BaseTunerLayer):
@@ -52,7 +100,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
     adapter_layer_names = ("milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
     other_param_names = ("top_k", "pooler", "activation", "router_input", "expert_names", "router_aux_loss_coef")
 
-    def __init__(self, base_layer: nn.Module, hidden_size: int, context: Any = None) -> None:
+    def __init__(self, base_layer: nn.Module, hidden_size: int) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.hidden_size = hidden_size
@@ -69,8 +117,6 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
         self._disable_adapters = False
         self._active_adapter = []
         self.merged_adapters: list[str] = []
-        self._routing: dict[str, RoutingState] = {}
-        self.__dict__["_context"] = context  # the model's RoutingContext: a plain reference, not a submodule
 
     def update_layer(
         self,
@@ -151,50 +197,38 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
             gates, selected = F_milora.top_k_gates(probs, self.top_k[name])
         return RoutingState(logits, probs, gates, selected)
 
-    def routing(self, adapter_name: str) -> RoutingState | None:
-        """The routing of ``adapter_name`` computed by the latest routed forward (``None`` before any)."""
-        return self._routing.get(adapter_name)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        context = self.__dict__.get("_context")
-        if self.disable_adapters or context is None:
+        if self.disable_adapters:
             return result
-        names = [name for name in self.active_adapters if name in self.milora_router]
-        if context.reuse:  # a decoding step: the experts keep the routing of the prompt
-            for name in names:
-                state = self._routing.get(name)
-                if state is None or state.epoch != context.epoch or state.batch_size != x.shape[0]:
-                    raise RuntimeError(
-                        f"MiLoRA: no routing of adapter '{name}' for this cached sequence (the adapter was set, enabled "
-                        "or added after the prompt was processed). Run the prompt again without a cache."
-                    )
-            return result
-        mask = context.mask_for(x)
-        for name in names:
-            state = self.route(name, result if self.router_input[name] == "normalized" else x, mask)
-            state.epoch = context.epoch
-            self._routing[name] = state
-            if context.recording:
-                context.records.append((self, name, state))
-            result = self._attach_pending_aux(context, name, state, result)
+        session = current_session()
+        for name in (n for n in self.active_adapters if n in self.milora_router):
+            state = self._routing(session, name, result if self.router_input[name] == "normalized" else x)
+            session.block[name] = state  # for the block's experts, which run next
+            result = attach_pending(session, self, name, state.probs, result)
         return result
 
-    def _attach_pending_aux(self, context, name: str, state: RoutingState, result: torch.Tensor) -> torch.Tensor:
-        """Reentrant activation checkpointing: hand the balance loss's gradient to the recomputed routing."""
-        pending = context.pending_aux.get((id(self), name))
-        if pending is None or not (torch.is_grad_enabled() and state.probs.requires_grad):
-            return result
-        if state.probs.shape != pending.shape:
-            return result
-        from ..mor._checkpointing import AuxGradInjector
-
-        del context.pending_aux[(id(self), name)]
-        return AuxGradInjector.apply(result, pending.term_fn(state.probs), pending)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._routing.pop(adapter_name, None)
+    def _routing(self, session: RoutingSession | None, name: str, hidden: torch.Tensor) -> RoutingState:
+        """Route ``hidden`` for adapter ``name``, or take the routing the session reuses (decoding steps)."""
+        if session is None:
+            raise RuntimeError(
+                "MiLoRA routers run inside a forward of the adapted model, which tells them the prompt tokens; "
+                "call the model (or its PeftModel), not a block or layer alone."
+            )
+        if session.continues_cache:
+            state = (session.reuse or {}).get((self, name))
+            if state is None or state.batch_size != hidden.shape[0]:
+                raise RuntimeError(
+                    f"MiLoRA: this forward continues a KV cache, but no routing of adapter '{name}' matches it (the "
+                    "cache was not produced by a routed forward of this model and adapter, or the adapter was set, "
+                    "enabled or added since, or the batch changed). Run the prompt again without a cache."
+                )
+            return state
+        state = self.route(name, hidden, session.pool_mask(hidden))
+        if not session.closed:  # not a re-run by activation checkpointing
+            session.decisions[(self, name)] = state
+            session.record(RouterRecord(self, name, state.probs, logits=state.logits, selected=state.selected))
+        return state
 
     def __repr__(self) -> str:
         return "milora.router." + super().__repr__()
@@ -226,7 +260,6 @@ class Linear(nn.Module, MiLoRATunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
-        self.__dict__["_router"] = None  # the block's MiLoRARouter: a plain reference, not a submodule
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"MiLoRA can only adapt torch.nn.Linear layers, got {type(base).__name__}.")
@@ -271,18 +304,14 @@ class Linear(nn.Module, MiLoRATunerLayer):
                 norm = norm * (1.0 + 0.2 * torch.randn_like(norm))
             magnitude.copy_(norm.to(magnitude.dtype))
 
-    def bind(self, adapter_name: str, router: MiLoRARouter, index: int) -> None:
-        """Make this layer expert ``index`` of ``router`` for ``adapter_name``."""
-        self.__dict__["_router"] = router
-        self.expert_index[adapter_name] = index
-
-    def _routing_state(self, name: str, x: torch.Tensor) -> RoutingState:
-        router = self.__dict__.get("_router")
-        state = router._routing.get(name) if router is not None else None
+    @staticmethod
+    def _block_routing(session: RoutingSession | None, name: str, x: torch.Tensor) -> RoutingState:
+        state = None if session is None else session.block.get(name)
         if state is None:
             raise RuntimeError(
                 f"MiLoRA expert (adapter '{name}') ran before its block's router chose the experts. MiLoRA experts "
-                "must be called inside their transformer block, after the block's router (its `router_anchor`)."
+                "must be called inside their transformer block, after the block's router (its `router_anchor`), "
+                "within a forward of the adapted model."
             )
         if state.batch_size != x.shape[0]:
             raise RuntimeError(
@@ -335,38 +364,27 @@ class Linear(nn.Module, MiLoRATunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
-        for name in self.active_adapters:
-            if name not in self.milora_A:
-                continue
-            state = self._routing_state(name, x)
-            index = self.expert_index[name]
-            plan = state.plan(index)
-            if plan is None:  # no sequence of the batch selected this expert: it costs nothing
-                result = self._zero_gradient_link(name, result)
-                continue
-            rows, gate = plan
-            lora_A, lora_B, scaling = self.milora_A[name], self.milora_B[name], self.scaling[name]
-            dora = name in self.milora_magnitude
-            x_in = self._cast_input_dtype(x, lora_A.dtype)
-            dropout = self.milora_dropout[name]
-            no_dropout = not self.training or isinstance(dropout, nn.Identity)
-            if not torch.is_grad_enabled() and not dora and no_dropout and kernels.use_triton(x_in):
-                # CUDA inference: one Triton gather-LoRA over the selected rows, added in place (loramix.kernels)
-                rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-                result = kernels.segmented_lora(x_in, lora_A, lora_B, rows, gate, scaling, out=result)
-                continue
-            base_out = result
-            if rows is not None:  # only the rows that selected it
-                x_in, base_out = x_in.index_select(0, rows), result.index_select(0, rows)
-            if dora:
-                delta = self._dora_delta(name, x_in, base_out)
-                factor = state.factor(index, 1.0, delta.dtype, delta.dim())
-            else:
-                delta = torch.nn.functional.linear(torch.nn.functional.linear(dropout(x_in), lora_A), lora_B)
-                factor = state.factor(index, scaling, delta.dtype, delta.dim())  # router weight x lora_alpha / r
-            delta = (delta * factor).to(result.dtype)
-            result = result + delta if rows is None else result.index_add(0, rows, delta)
+        session = current_session()
+        for name in (n for n in self.active_adapters if n in self.milora_A):
+            result = self._add_update(name, x, result, self._block_routing(session, name, x))
         return result
+
+    def _add_update(self, name: str, x: torch.Tensor, result: torch.Tensor, state: RoutingState) -> torch.Tensor:
+        """``result + w · Δ(x)`` on the rows whose prompt selected this expert; no cost if none did."""
+        index = self.expert_index[name]
+        plan = state.plan(index)
+        if plan is None:
+            return self._zero_gradient_link(name, result)
+        rows = plan[0]
+        x_in = self._cast_input_dtype(x, self.milora_A[name].dtype)
+        if name in self.milora_magnitude:  # MiDoRA
+            x_rows = x_in if rows is None else x_in.index_select(0, rows)
+            delta = self._dora_delta(name, x_rows, result if rows is None else result.index_select(0, rows))
+            return F_milora.add_rows(result, delta * state.factor(index, 1.0, delta.dtype, delta.dim()), rows)
+        dropout = self.milora_dropout[name]
+        dropout = dropout if self.training and not isinstance(dropout, nn.Identity) else None
+        factor = state.factor(index, self.scaling[name], x_in.dtype, x_in.dim())  # router weight x lora_alpha / r
+        return F_milora.gated_lora(x_in, result, self.milora_A[name], self.milora_B[name], rows, factor, dropout)
 
     def __repr__(self) -> str:
         return "milora." + super().__repr__()

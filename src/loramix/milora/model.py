@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -25,7 +24,6 @@ from .._tuner import LoramixTunerMixin
 from ..constants import TRANSFORMERS_MODELS_TO_BLOCK_TARGET_MODULES, TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR
 from .config import MiLoRAConfig
 from .layer import Linear, MiLoRARouter, MiLoRATunerLayer
-from .routing import CONTEXT_ATTR, install_routing_hooks, remove_routing_hooks
 
 MERGE_ERROR = (
     "MiLoRA adapters cannot be merged: the router selects the experts of every block per prompt, so no single "
@@ -50,17 +48,18 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
     Use it through PEFT: ``get_peft_model(model, MiLoRAConfig(...))``. Every targeted linear layer
     becomes a LoRA expert (:class:`~loramix.milora.layer.Linear`); the module named ``router_anchor``
     of each block that holds experts (LLaMA: ``input_layernorm``) is wrapped by the block's router
-    (:class:`~loramix.milora.layer.MiLoRARouter`). Hooks on the model (:mod:`loramix.milora.routing`)
-    decide when to route and on which tokens, and add the balance loss:
+    (:class:`~loramix.milora.layer.MiLoRARouter`). Each forward's :class:`~loramix.routing.RoutingSession`
+    decides when to route and on which tokens:
 
-    * a forward without a KV cache, or with a cache it did not produce, routes on its input: the
-      tokens of ``prompt_mask`` if given, else the attended tokens labelled -100 if ``labels`` are
-      given, else all attended tokens — padding never enters a pool;
-    * a forward with the non-empty cache of the latest routed forward (every decoding step of
-      ``generate``) reuses that routing; the router is not called;
-    * ``outputs.aux_loss`` (Switch loss, mean over blocks) and ``outputs.router_logits`` (one (B, N)
-      tensor per block) are set whenever routing ran; ``router_aux_loss_coef · aux_loss`` is added to
-      ``outputs.loss`` when labels are given in training mode.
+    * a forward that does not continue a KV cache routes on its input: the tokens of ``prompt_mask``
+      if given, else the attended tokens labelled -100 if ``labels`` are given, else all attended
+      tokens — padding never enters a pool;
+    * the later forwards of one ``generate`` call, and a forward that continues a KV cache returned
+      by a routed forward, reuse that routing; the routers are not called; any other continued cache
+      raises;
+    * ``outputs.router_logits`` (one (B, N) tensor per block) is set whenever routing ran, and
+      ``outputs.aux_loss`` (Switch loss, mean over blocks) too when ``router_aux_loss_coef > 0``;
+      ``router_aux_loss_coef · aux_loss`` is added to ``outputs.loss`` when labels are given in training.
 
     ``merge_and_unload()`` raises (a per-prompt router cannot be merged); ``unload()`` works.
     """
@@ -185,11 +184,10 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
             low_cpu_mem_usage=low_cpu_mem_usage,
             state_dict=state_dict,
         )
-        context = install_routing_hooks(model)
         with init_empty_weights() if low_cpu_mem_usage else nullcontext():
-            self._attach_routers(model, adapter_name, context)
+            self._attach_routers(model, adapter_name)
 
-    def _attach_routers(self, model: nn.Module, adapter_name: str, context) -> None:
+    def _attach_routers(self, model: nn.Module, adapter_name: str) -> None:
         """Wrap the anchor of every block holding experts of ``adapter_name`` with the block's router."""
         config = self.peft_config[adapter_name]
         experts = {
@@ -207,7 +205,7 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
                 size = weight.shape[-1] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else hidden_size
                 if size is None:
                     raise ValueError(f"MiLoRA cannot tell the hidden size of block '{block}' for its router.")
-                router = MiLoRARouter(anchor, size, context)
+                router = MiLoRARouter(anchor, size)
                 setattr(block_module, config.router_anchor, router)
                 anchor = router
             anchor.update_layer(adapter_name, config, names, self.active_adapters, config.inference_mode)
@@ -218,7 +216,7 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
                         container = getattr(anchor, attr)
                         container[adapter_name] = container[adapter_name].to(device)
             for index, key in enumerate(keys):
-                experts[key].bind(adapter_name, anchor, index)
+                experts[key].expert_index[adapter_name] = index  # its column in the router's choice
 
     # ------------------------------------------------------------------------------------------------------------
     # merging, unloading, generation
@@ -230,38 +228,4 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             raise ValueError(MERGE_ERROR)
-        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        remove_routing_hooks(model)
-        return model
-
-    def generate(self, *args: Any, **kwargs: Any):
-        """``model.generate``, routing on the prompt even with ``use_cache=False``.
-
-        With the KV cache (the default) the routing of the prefill is reused by every decoding step
-        anyway; without it each step re-runs the whole sequence, and this makes those steps pool over
-        the prompt tokens only, so both give the same tokens.
-        """
-        context = self.model.__dict__.get(CONTEXT_ATTR)
-        prompt = kwargs.get("input_ids", args[0] if args else None)
-        if prompt is None:
-            prompt = kwargs.get("inputs_embeds")
-        if context is None or not isinstance(prompt, torch.Tensor):
-            return self.model.generate(*args, **kwargs)
-        previous, context.prompt_len = context.prompt_len, prompt.shape[1]
-        try:
-            return self.model.generate(*args, **kwargs)
-        finally:
-            context.prompt_len = previous
-
-    def routing(self, adapter_name: str | None = None) -> dict[str, Any]:
-        """The latest routing per block: ``{block_name: RoutingState}`` for ``adapter_name`` (default: active).
-
-        Each state has ``logits``, ``probs``, ``gates`` (router weights, 0 for unselected experts) and
-        ``selected``, all ``(batch, N)``, in the order of ``router.expert_names[adapter_name]``.
-        """
-        name = adapter_name or self.active_adapters[0]
-        result = {}
-        for key, module in self.model.named_modules():
-            if isinstance(module, MiLoRARouter) and module.routing(name) is not None:
-                result[key.rsplit(".", 1)[0]] = module.routing(name)
-        return result
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)

@@ -1,4 +1,4 @@
-"""The MoR mixture as one function (DESIGN.md §2, "the efficient form").
+"""The MoR mixture as one function (MoR paper, Tang et al. arXiv 2410.13408, Eq. 11 and 15).
 
 Because A and B are shared by the experts, the mixture of N rank-r experts is one LoRA of rank N·r::
 
@@ -16,6 +16,34 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .. import kernels
+
+
+def mor_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    omega_A: torch.Tensor,
+    omega_B: torch.Tensor,
+    router: torch.Tensor | None,
+    scaling: float,
+    dropout: torch.nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(residual + Δo(x), G(x))``: the MoR layer's output and its router probabilities ``(..., N)``.
+
+    The one entry point of the MoR maths: fused Triton kernels where :func:`loramix.kernels.use_triton`
+    says so (CUDA by default), else :func:`router_probs` and :func:`mor_delta`. ``dropout`` applies to the
+    LoRA input only; the router reads ``x`` itself. ``x`` must already have the adapter's dtype.
+    """
+    if x.shape[:-1].numel() > 0 and kernels.use_triton(x):
+        return kernels.mor_linear(
+            dropout(x), lora_A, lora_B, omega_A, omega_B, router, scaling, x_router=x, residual=residual
+        )
+    probs = router_probs(x, router, omega_A.shape[0])
+    delta = mor_delta(dropout(x), lora_A, lora_B, omega_A, omega_B, probs, scaling)
+    return residual + delta.to(residual.dtype), probs
 
 
 def router_probs(x: torch.Tensor, router_weight: torch.Tensor | None, num_experts: int) -> torch.Tensor:

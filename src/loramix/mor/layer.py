@@ -10,10 +10,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .. import kernels
-from ._checkpointing import AuxGradInjector, PendingAux
+from ..balance import attach_pending
+from ..routing import RouterRecord, current_session
 from .config import MoRConfig
-from .functional import MoRDropout, mor_delta, mor_delta_weight, router_probs
+from .functional import MoRDropout, mor_delta_weight, mor_linear
 
 
 class MoRLayer(BaseTunerLayer):
@@ -41,12 +41,6 @@ class MoRLayer(BaseTunerLayer):
         self.mor_router = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # Router statistics of the last forward, per adapter, for the balance loss (see MoRModel).
-        self._router_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._record_router_stats = False
-        self._token_mask: torch.Tensor | None = None
-        # Balance-loss terms to re-attach when reentrant checkpointing recomputes this layer (see _checkpointing).
-        self._pending_aux: dict[str, PendingAux] = {}
 
         base_layer = self.get_base_layer()
         if not isinstance(base_layer, nn.Linear):
@@ -157,57 +151,20 @@ class Linear(nn.Module, MoRLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``W x + b + (α/r) Σ_i G_i(x) Ω_B[i] ⊙ B(Ω_A[i] ⊙ A x)`` per active adapter (paper Eq. 11, 15)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters and self.merged:
+            self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.disable_adapters or self.merged:
             return result
-        out_dtype = result.dtype
-        for name in self.active_adapters:
-            if name not in self.mor_A:
-                continue
-            lora_A = self.mor_A[name]
-            x_in = self._cast_input_dtype(x, lora_A.dtype)
+        session = current_session()
+        for name in (n for n in self.active_adapters if n in self.mor_A):
             router = self.mor_router[name] if name in self.mor_router else None
-            if kernels.use_triton(x_in):  # fused Triton kernels: CUDA tensors by default, see loramix.kernels
-                result, probs = kernels.mor_linear(
-                    self.mor_dropout[name](x_in),
-                    lora_A,
-                    self.mor_B[name],
-                    self.mor_omega_A[name],
-                    self.mor_omega_B[name],
-                    router,
-                    self.scaling[name],
-                    x_router=x_in,
-                    residual=result,
-                )
-                delta = None
-            else:
-                probs = router_probs(x_in, router, self.num_experts[name])
-                delta = mor_delta(
-                    self.mor_dropout[name](x_in),
-                    lora_A,
-                    self.mor_B[name],
-                    self.mor_omega_A[name],
-                    self.mor_omega_B[name],
-                    probs,
-                    self.scaling[name],
-                )
-            aux_term = pending = None
-            if self._record_router_stats and router is not None:
-                self._router_stats[name] = (probs, self._token_mask)
-            elif name in self._pending_aux and probs.requires_grad:
-                # Reentrant checkpointing is re-running this layer in the backward pass: rebuild the
-                # balance-loss term with a graph so that its gradient is not lost.
-                pending = self._pending_aux.pop(name)
-                if pending.shape == probs.shape:
-                    aux_term = pending.term_fn(probs)
-            if delta is not None:
-                result = result + delta.to(out_dtype)
-            if aux_term is not None:
-                result = AuxGradInjector.apply(result, aux_term, pending)
+            x_in = self._cast_input_dtype(x, self.mor_A[name].dtype)
+            params = (self.mor_A[name], self.mor_B[name], self.mor_omega_A[name], self.mor_omega_B[name], router)
+            result, probs = mor_linear(x_in, result, *params, self.scaling[name], self.mor_dropout[name])
+            if session is not None and router is not None:
+                session.record(RouterRecord(self, name, probs, mask=session.token_mask))
+                result = attach_pending(session, self, name, probs, result)
         return result
 
     def __repr__(self) -> str:

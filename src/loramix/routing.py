@@ -1,0 +1,356 @@
+"""One routing path for both methods: a :class:`RoutingSession` per forward of the adapted model.
+
+The tuner opens the session, the layers read from it and record into it, the tuner reads it::
+
+    pre-hook (model)   opens a session: the forward's masks, and the routing to reuse, if any
+    MoR layer          records its per-token router probabilities              (MoR paper Eq. 11)
+    MiLoRA router      routes the prompt (or reuses its routing), records it   (MiLoRA paper Eq. 2-3)
+    MiLoRA expert      reads the routing of its block from the session
+    post-hook (model)  builds ``aux_loss`` and ``router_logits`` from the records, adds the balance loss
+                       to ``loss``, hands the records to subscribers (:mod:`loramix.analysis`), closes
+
+The hooks sit on the adapted ``transformers`` model itself, so every entry point (``PeftModel`` with or
+without ``task_type``, ``generate``, transformers' ``model.load_adapter``) goes through them. The
+session lives in a :class:`contextvars.ContextVar`: it belongs to the call, so threads serving one model
+each see their own. Activation checkpointing re-runs blocks during ``backward``, after the call
+returned: the outputs' autograd nodes make the (closed) session current again when the backward pass
+starts, so the re-run layers find the same masks (see :func:`_resumable`).
+
+MiLoRA routes once per prompt. Its routing is reused (the routers do not run) when
+
+* the forward is a later step of the same ``generate`` call (:func:`generation_routing`, opened by the
+  tuner's ``generate``): with or without KV cache, greedy, sampling or beams;
+* the forward continues a KV cache (a ``transformers.Cache`` passed under any argument name) that an
+  earlier routed forward returned: the routing is looked up by the cache object.
+
+A forward that continues a non-empty cache whose routing is unknown raises; it never re-routes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._outputs import with_output_fields
+from .balance import balance_losses
+
+__all__ = ["RouterRecord", "RoutingSession", "capture_routing", "current_session", "subscribe"]
+
+_SESSION: contextvars.ContextVar[RoutingSession | None] = contextvars.ContextVar("loramix_session", default=None)
+_GENERATION: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loramix_generation", default=None)
+# KV cache object -> the routing of the prompt it holds, {(router, adapter): state}; gone with the cache.
+_CACHE_ROUTING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# adapted model -> callbacks that receive (records, outputs) at the end of each of its forwards
+_SUBSCRIBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE_NAMES = ("past_key_values", "cache")  # only to refuse legacy tuple caches; Cache objects are found by type
+
+
+@dataclass
+class RouterRecord:
+    """What one router computed in one forward, for one adapter.
+
+    ``probs`` (..., N) float32: ``(B, T, N)`` per token (MoR) or ``(B, N)`` per prompt (MiLoRA);
+    ``mask`` marks the rows that count (MoR: attended tokens); ``logits`` and ``selected`` (top-k)
+    are set by MiLoRA; ``layer`` is the module that routed.
+    """
+
+    layer: nn.Module
+    adapter: str
+    probs: torch.Tensor
+    mask: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+
+
+def build_pool_mask(attention_mask, labels, prompt_mask, length: int | None):
+    """The tokens each row's MiLoRA routers pool over, ``(B, T)`` bool, or ``None`` for all tokens.
+
+    ``prompt_mask`` if given, else the tokens labelled -100 if ``labels`` are given, else all tokens;
+    always restricted to attended tokens. ``attention_mask`` may be longer than the current tokens (a
+    cache in front); its last ``length`` columns are used. A row that a rule leaves empty falls back to
+    its attended tokens, then to all.
+    """
+    attended = None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        attended = attention_mask.bool()
+        if length is not None:
+            attended = attended[:, -length:]
+    chosen = None
+    if isinstance(prompt_mask, torch.Tensor):
+        chosen = prompt_mask.bool()
+    elif isinstance(labels, torch.Tensor) and labels.dim() == 2 and (length is None or labels.shape[1] == length):
+        chosen = labels.eq(-100)
+    if chosen is None:
+        pool = attended
+    elif attended is None:
+        pool = chosen
+    else:
+        if chosen.shape != attended.shape:
+            raise ValueError(
+                f"MiLoRA: prompt_mask/labels of shape {tuple(chosen.shape)} do not match the attention mask "
+                f"{tuple(attended.shape)}."
+            )
+        pool = chosen.to(attended.device) & attended
+        pool = torch.where(pool.any(dim=-1, keepdim=True), pool, attended)
+    return None if pool is None else pool | ~pool.any(dim=-1, keepdim=True)
+
+
+class RoutingSession:
+    """The routing state of one forward of an adapted model (see the module docstring).
+
+    Attributes read by the layers: :meth:`pool_mask` and :attr:`token_mask` (which tokens count),
+    :attr:`reuse` (routing to reuse, ``{(router, adapter): state}``, or ``None``) and
+    :attr:`continues_cache` (the input continues a KV cache). Written by the layers: :meth:`record`,
+    :attr:`decisions` (this forward's MiLoRA routing per router) and :attr:`block` (the routing of the
+    block being computed, per adapter). :attr:`pending` holds balance-loss terms whose gradient is
+    delivered when reentrant activation checkpointing re-runs a layer (:mod:`loramix.balance`).
+    """
+
+    def __init__(self, inputs: dict[str, Any], reuse: dict | None, continues_cache: bool) -> None:
+        tokens = inputs.get("input_ids")
+        if not isinstance(tokens, torch.Tensor):
+            tokens = inputs.get("inputs_embeds")
+        self.shape = tuple(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
+        prompt_mask = inputs.get("prompt_mask")
+        if prompt_mask is not None and (
+            not isinstance(prompt_mask, torch.Tensor) or self.shape is None or tuple(prompt_mask.shape) != self.shape
+        ):
+            got = tuple(prompt_mask.shape) if isinstance(prompt_mask, torch.Tensor) else type(prompt_mask).__name__
+            raise ValueError(f"prompt_mask must be a (batch, seq) tensor of the input's shape {self.shape}, got {got}.")
+        self._inputs = (inputs.get("attention_mask"), inputs.get("labels"), prompt_mask)
+        attention = self._inputs[0]
+        self.token_mask = attention[:, -self.shape[1] :] if self._fits(attention) else None
+        self.reuse = reuse
+        self.continues_cache = continues_cache
+        self.decisions: dict[tuple[nn.Module, str], Any] = {}
+        self.block: dict[str, Any] = {}
+        self.records: list[RouterRecord] = []
+        self.pending: dict[tuple[nn.Module, str], Any] = {}
+        self.closed = False
+        self._pool = ()
+
+    def _fits(self, mask: Any) -> bool:
+        return (
+            isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and self.shape is not None
+            and mask.shape[0] == self.shape[0]
+        )
+
+    def pool_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The MiLoRA pool mask for block inputs ``hidden`` (B, T, d); raises if it cannot fit them."""
+        if self._pool == ():
+            self._pool = build_pool_mask(*self._inputs, self.shape[1] if self.shape else None)
+        if self._pool is None:
+            return None
+        if tuple(self._pool.shape) != tuple(hidden.shape[:2]):
+            raise RuntimeError(
+                f"MiLoRA: the routers got hidden states of shape {tuple(hidden.shape[:2])}, but the model's input "
+                f"is {tuple(self._pool.shape)}: the prompt tokens cannot be matched to them."
+            )
+        return self._pool.to(hidden.device)
+
+    def record(self, record: RouterRecord) -> None:
+        """Keep ``record`` for the post-hook; a re-run during backward (checkpointing) records nothing."""
+        if not self.closed:
+            self.records.append(record)
+
+
+def current_session() -> RoutingSession | None:
+    """The session of the forward being computed in this thread (``None`` outside an adapted model)."""
+    return _SESSION.get()
+
+
+@contextmanager
+def generation_routing() -> Iterator[None]:
+    """Within this context every forward reuses the routing of the first one (one ``generate`` call)."""
+    token = _GENERATION.set({})
+    try:
+        yield
+    finally:
+        _GENERATION.reset(token)
+
+
+def _find_cache(values) -> Any:
+    from transformers import Cache
+
+    for value in values:
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def _cache_length(cache: Any) -> int:
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def session_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    prompt_mask = kwargs.pop("prompt_mask", None)
+    inputs = dict(zip(_arg_names(module), args, strict=False))
+    inputs.update(kwargs)
+    inputs["prompt_mask"] = prompt_mask
+    generation = _GENERATION.get()
+    cache = _find_cache(inputs.values())
+    legacy = [n for n in _CACHE_NAMES if isinstance(inputs.get(n), tuple) and len(inputs[n]) > 0]
+    if legacy:
+        raise TypeError(
+            f"loramix: `{legacy[0]}` is a legacy tuple KV cache, whose routing cannot be matched; pass the "
+            "transformers Cache object the model returned."
+        )
+    if generation is not None and "routing" in generation:
+        reuse, continues = generation["routing"], True
+    elif _cache_length(cache) > 0:
+        reuse, continues = _CACHE_ROUTING.get(cache), True
+    else:
+        reuse, continues = None, False
+    session = RoutingSession(inputs, reuse, continues)
+    session._token = _SESSION.set(session)
+    return args, kwargs
+
+
+def session_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+    session = _SESSION.get()
+    if session is None or getattr(session, "_token", None) is None:
+        return None
+    _SESSION.reset(session._token)
+    session._token = None
+    session.closed = True
+    if output is None:  # the forward raised (the hook runs anyway, to close the session)
+        return None
+    generation = _GENERATION.get()
+    if session.decisions:
+        cache = _find_cache(output.values() if isinstance(output, dict) else output)
+        if cache is not None:
+            _CACHE_ROUTING[cache] = session.decisions
+        if generation is not None and "routing" not in generation:
+            generation["routing"] = session.decisions
+    if not session.records:
+        return None
+    output = _finish_outputs(module, session, output, kwargs.get("labels"))
+    for callback in list(_SUBSCRIBERS.get(module, {}).values()):
+        callback(session.records, output)
+    return output
+
+
+def _finish_outputs(module: nn.Module, session: RoutingSession, output: Any, labels: Any):
+    """``aux_loss`` (mean over the adapters with ``router_aux_loss_coef > 0``), ``router_logits`` (MiLoRA),
+    ``loss + Σ coef · aux`` whenever labels are given (transformers' MoE models do the same, in training and
+    evaluation); both for dataclass and tuple (``return_dict=False``) outputs."""
+    configs = getattr(module, "peft_config", {}) or {}
+    coefs = {a: configs[a].router_aux_loss_coef for a in {r.adapter for r in session.records} if a in configs}
+    losses = balance_losses(session, {a: c for a, c in coefs.items() if c > 0})
+    values: dict[str, Any] = {}
+    if losses:
+        values["aux_loss"] = torch.stack(list(losses.values())).mean()
+    router_logits = tuple(r.logits for r in session.records if r.logits is not None)
+    if router_logits:
+        values["router_logits"] = router_logits
+    extra = sum(coefs[a] * loss for a, loss in losses.items()) if losses and labels is not None else None
+    if isinstance(output, tuple):  # return_dict=False: transformers puts the loss first when labels are given
+        if extra is not None and len(output) and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+            output = (output[0] + extra, *output[1:])
+        return _resumable(session, output)
+    output = with_output_fields(output, **values)  # real fields: DDP and torch.compile rebuild outputs
+    if extra is not None and output.get("loss") is not None:
+        output["loss"] = output["loss"] + extra
+    return _resumable(session, output)
+
+
+def _resumable(session: RoutingSession, output: Any) -> Any:
+    """Make ``session`` current again when the backward pass reaches the outputs (before any checkpointed
+    block is re-run), until the pass ends: a pre-hook on the autograd nodes that produced them."""
+    if not torch.is_grad_enabled():
+        return output
+    values = list(output if isinstance(output, tuple) else output.values())
+    for value in values + [v for group in values if isinstance(group, tuple) for v in group]:
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None:  # loss, logits, log_probs (TRL), ...
+            value.grad_fn.register_prehook(functools.partial(_resume, session))
+    return output
+
+
+def _resume(session: RoutingSession, grad_outputs: Any) -> None:
+    if _SESSION.get() is not session:
+        token = _SESSION.set(session)
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_restore, token))
+
+
+def _restore(token: contextvars.Token) -> None:
+    try:
+        _SESSION.reset(token)
+    except ValueError:  # the pass ended in another context (a device thread): its value does not leak here
+        pass
+
+
+def _arg_names(module: nn.Module) -> tuple[str, ...]:
+    return _positional_names(type(module))
+
+
+@functools.cache
+def _positional_names(cls: type) -> tuple[str, ...]:
+    try:
+        parameters = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ("input_ids", "attention_mask")
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[1:]  # no self
+
+
+def install_session_hooks(model: nn.Module) -> None:
+    """Put the session hooks on the adapted model (idempotent)."""
+    if session_pre_hook not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(session_pre_hook, with_kwargs=True)
+    if session_post_hook not in model._forward_hooks.values():
+        model.register_forward_hook(session_post_hook, with_kwargs=True, always_call=True)
+
+
+def remove_session_hooks(model: nn.Module) -> None:
+    """Undo :func:`install_session_hooks` (``unload``)."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn in (session_pre_hook, session_post_hook)]:
+            del hooks[key]
+            for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_with_kwargs):
+                extra.pop(key, None)
+            getattr(model, "_forward_hooks_always_called", {}).pop(key, None)
+
+
+def _hooked(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if session_post_hook in module._forward_hooks.values():
+            return module
+    raise ValueError(f"{type(model).__name__} holds no loramix adapter (no MoR or MiLoRA layers were injected).")
+
+
+class _Handle:
+    def __init__(self, owner: dict, key: int) -> None:
+        self.owner, self.key = owner, key
+
+    def remove(self) -> None:
+        self.owner.pop(self.key, None)
+
+
+def subscribe(model: nn.Module, callback: Callable[[list[RouterRecord], Any], None]) -> _Handle:
+    """Call ``callback(records, outputs)`` at the end of every forward of ``model`` (any thread) that ran
+    routers (decoding steps that reuse a routing bring no records). Returns a handle with ``remove()``."""
+    callbacks = _SUBSCRIBERS.setdefault(_hooked(model), {})
+    key = max(callbacks, default=-1) + 1
+    callbacks[key] = callback
+    return _Handle(callbacks, key)
+
+
+@contextmanager
+def capture_routing(model: nn.Module) -> Iterator[list[RouterRecord]]:
+    """``with capture_routing(model) as records: model(...)``: the records of every forward in the block."""
+    records: list[RouterRecord] = []
+    handle = subscribe(model, lambda new, _: records.extend(new))
+    try:
+        yield records
+    finally:
+        handle.remove()
