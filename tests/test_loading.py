@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from loramix import MoRConfig
 from loramix._config_base import LORAMIX_FORMAT
+from tests.methods import METHODS
 from tests.tiny_models import tiny_llama
 
 
@@ -88,12 +90,78 @@ def test_missing_weights_file(adapter_dir):
         PeftModel.from_pretrained(tiny_llama(), adapter_dir)
 
 
-def test_pickled_weights_are_never_loaded(adapter_dir):
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
-    torch.save(tensors, adapter_dir / "adapter_model.bin")
-    (adapter_dir / "adapter_model.safetensors").unlink()
-    with pytest.raises(ValueError, match="safetensors only"):
-        PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+class RunsCode:
+    """Unpickling this calls ``os.mkdir(path)``: stands for a pickle that runs arbitrary code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_bin_adapter_round_trip(tmp_path, method, input_ids):
+    """save_pretrained(safe_serialization=False) writes adapter_model.bin; every load path reads it back."""
+    config, _ = METHODS[method]
+    model = get_peft_model(tiny_llama(), config(init_weights=False)).eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["weights_sha256"] is not None
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+        assert torch.equal(loaded(input_ids=input_ids).logits, expected)
+        base = tiny_llama()
+        base.load_adapter(str(tmp_path))
+        assert torch.equal(base(input_ids=input_ids).logits, expected)
+
+
+def test_bin_adapter_is_checked_like_safetensors(tmp_path):
+    model = get_peft_model(tiny_llama(), MoRConfig(r=4, num_experts=3, init_weights=False, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    edit_config(tmp_path, num_experts=5)
+    with pytest.raises(ValueError, match=r"another shape.*mor_omega_A.*checkpoint \(3, 4\) vs model \(5, 4\)"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_truncated_bin_is_refused(tmp_path):
+    """A .bin save killed while torch.save overwrote the file cannot be rolled back, but is never loaded."""
+    model = get_peft_model(tiny_llama(), MoRConfig(r=4, num_experts=3, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    path = tmp_path / "adapter_model.bin"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="adapter_model.bin does not belong"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_a_pickle_that_runs_code_is_never_unpickled(tmp_path):
+    model = get_peft_model(tiny_llama(), MoRConfig(r=4, num_experts=3, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    marker = tmp_path / "code-ran"
+    torch.save({"base_model.model.lm_head.weight": RunsCode(marker)}, tmp_path / "adapter_model.bin")
+
+    # The config's hash does not match: refused before the file is opened.
+    with pytest.raises(ValueError, match="adapter_model.bin does not belong"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    base = tiny_llama()
+    with pytest.raises(ValueError, match="adapter_model.bin does not belong"):
+        base.load_adapter(str(tmp_path))
+    assert not getattr(base, "peft_config", {})
+
+    # Without a hash (a hand-made or foreign adapter): torch.load(weights_only=True) refuses to call os.mkdir.
+    edit_config(tmp_path, weights_sha256=None)
+    with pytest.raises(Exception, match="(?i)weights.only"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    base = tiny_llama()
+    with pytest.raises(Exception, match="(?i)weights.only"):
+        base.load_adapter(str(tmp_path))
+    assert not getattr(base, "peft_config", {}) and not any(".mor_" in name for name in base.state_dict())
+    assert not marker.exists()
+
+    torch.load(tmp_path / "adapter_model.bin", weights_only=False)  # the file does run code when unpickled
+    assert marker.is_dir()
 
 
 def test_config_from_a_newer_loramix(adapter_dir):
@@ -149,3 +217,14 @@ def test_transformers_load_adapter_shape_mismatch_leaves_no_adapter(adapter_dir)
     with pytest.raises(RuntimeError, match="size mismatch|mismatched"):
         model.load_adapter(str(adapter_dir))
     assert not getattr(model, "peft_config", {}) and not any(".mor_" in n for n in model.state_dict())
+
+
+def test_transformers_load_adapter_checks_the_weights_hash(adapter_dir):
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, adapter_dir / "adapter_model.safetensors")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="adapter_model.safetensors does not belong"):
+        model.load_adapter(str(adapter_dir))
+    assert not getattr(model, "peft_config", {})

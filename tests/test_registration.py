@@ -8,6 +8,7 @@ PEFT costs seconds, the loading itself milliseconds.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -100,7 +101,11 @@ LOADERS = {
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(root + "/base")
         model.load_adapter(adapter)
-        assert model.active_adapters() == ["default"]
+        # (not model.active_adapters(): transformers >= 5.24 gates it behind peft >= 0.22)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        assert list(model.peft_config) == ["default"] and layers
+        assert all(m.active_adapters == ["default"] for m in layers)
         check(model)
     """,
     "import twice and reload": """
@@ -153,3 +158,103 @@ def test_peft_type_is_a_real_enum_member(name):
     member = PeftType(name)
     assert member is getattr(PeftType, name) is PeftType[name] and member in list(PeftType)
     assert isinstance(member, PeftType) and member == name and member.value.lower() == name.lower()
+
+
+REGISTRATION_STATE = r"""
+import copy, json, os, sys, tempfile
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads(1)
+import peft.mapping, peft.peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils.peft_types import PeftType
+from transformers.integrations.peft import PeftAdapterMixin
+from tests.tiny_models import tiny_llama
+
+
+def state():
+    "The PEFT and transformers state loramix may change: (place, name) -> identity of the value."
+    places = {{
+        "PeftType": dict(PeftType.__members__),
+        "PeftType values": dict(PeftType._value2member_map_),
+        "config mapping": peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
+        "tuner mapping": peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING,
+        "prefix mapping": peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING,
+        "peft.peft_model": vars(peft.peft_model),
+        "PeftModel": vars(PeftModel),
+        "PeftConfig": vars(PeftConfig),
+        "PeftAdapterMixin": vars(PeftAdapterMixin),
+    }}
+    return {{
+        (place, str(getattr(name, "value", name))): id(value) for place, values in places.items() for name, value in values.items()
+    }}
+
+
+def changes(before, after):
+    return sorted(f"{{p}}: {{n}}" for (p, n) in set(before) | set(after) if before.get((p, n)) != after.get((p, n)))
+
+
+members_before = list(PeftType)
+before = state()
+import loramix
+from loramix import MiLoRAConfig, MoRConfig
+after_import = state()
+assert list(PeftType) == members_before + [PeftType.MOR, PeftType.MILORA], list(PeftType)[-4:]
+print("import:", json.dumps(changes(before, after_import)))
+
+# Building and loading configs runs no registration code (not even an idempotent re-registration).
+registration_calls = []
+def profile(frame, event, arg):
+    if event == "call" and frame.f_code.co_filename.endswith(os.path.join("loramix", "_registration.py")):
+        registration_calls.append(frame.f_code.co_name)
+directory = tempfile.mkdtemp()
+sys.setprofile(profile)
+configs = [MoRConfig(), MoRConfig(r=4, num_experts=3, router="mean"), MiLoRAConfig(), MiLoRAConfig(top_k=2)]
+configs[1].save_pretrained(directory)
+configs += [PeftConfig.from_pretrained(directory), MoRConfig.from_pretrained(directory), copy.deepcopy(configs[0])]
+configs += [PeftConfig.from_peft_type(**configs[3].to_dict())]
+sys.setprofile(None)
+assert not registration_calls, registration_calls
+assert [c.peft_type for c in configs] == [PeftType.MOR] * 2 + [PeftType.MILORA] * 2 + [PeftType.MOR] * 3 + [PeftType.MILORA]
+
+# Nor does anything else loramix does afterwards change that state.
+for config in (MoRConfig(r=4, num_experts=3, task_type="CAUSAL_LM"), MiLoRAConfig(r=4, top_k=2, task_type="CAUSAL_LM")):
+    adapter = tempfile.mkdtemp()
+    get_peft_model(tiny_llama(), config).save_pretrained(adapter)
+    PeftModel.from_pretrained(tiny_llama(), adapter)
+    tiny_llama().load_adapter(adapter)
+assert list(PeftType) == members_before + [PeftType.MOR, PeftType.MILORA]
+print("afterwards:", json.dumps(changes(after_import, state())))
+"""
+
+
+def test_registration_happens_once_at_import_and_configs_touch_nothing():
+    """``import loramix`` is the only change to PEFT's and transformers' state, and it changes exactly this;
+    building configs runs no registration code (the subprocess asserts it and that list(PeftType) grew by
+    exactly MOR and MILORA)."""
+    script = REGISTRATION_STATE.format(repo=str(REPO))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith(("import", "after")))
+    expected = [
+        f"{place}: {name}"
+        for place in ("PeftType", "PeftType values", "config mapping", "tuner mapping", "prefix mapping")
+        for name in ("MILORA", "MOR")
+    ]
+    expected += ["PeftAdapterMixin: load_adapter", "peft.peft_model: safe_save_file"]
+    assert json.loads(lines["import"]) == sorted(expected)
+    assert json.loads(lines["afterwards"]) == []
+
+
+def test_only_the_registration_module_touches_peft_registries():
+    """The enum extension and PEFT's registration function are used in one module only."""
+    markers = ("extend_peft_type", "register_peft_method", "_member_map_", "_member_names_", "_value2member_map_")
+    offenders = [
+        f"{path.relative_to(REPO)}: {marker}"
+        for path in sorted((REPO / "src" / "loramix").rglob("*.py"))
+        if path.name != "_registration.py"
+        for marker in markers
+        if marker in path.read_text()
+    ]
+    assert not offenders, offenders

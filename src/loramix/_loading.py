@@ -4,13 +4,16 @@ PEFT loads an adapter with ``load_state_dict(strict=False)`` and only *warns* ab
 an adapter saved for another base model or another config could come back partly random. loramix
 tuners refuse instead: ``loramix._tuner.LoramixTunerMixin`` runs this check in
 ``_remap_adapter_state_dict_for_load``, the hook PEFT calls on every ``PeftModel.from_pretrained`` /
-``load_adapter`` before loading the weights.
+``load_adapter`` before loading the weights, whichever file they come from (``adapter_model.safetensors``,
+or ``adapter_model.bin`` read with ``torch.load(weights_only=True)``). transformers' ``model.load_adapter``
+calls no tuner hook; ``loramix/_registration.py`` makes that path strict.
 """
 
 from __future__ import annotations
 
 import torch
-from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+
+from ._registration import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
 
 _SHOWN = 5
 
@@ -48,7 +51,7 @@ def check_adapter_state_dict(
     if unexpected:
         problems.append(f"{len(unexpected)} checkpoint tensor(s) the model has no place for: {_listing(unexpected)}")
     raise ValueError(
-        f"The adapter checkpoint (adapter_model.safetensors) does not fit adapter '{adapter_name}' of this model; "
-        "nothing was loaded. It was probably saved for another base model, another config (r, num_experts, "
+        f"The adapter checkpoint (adapter_model.safetensors or .bin) does not fit adapter '{adapter_name}' of this "
+        "model; nothing was loaded. It was probably saved for another base model, another config (r, num_experts, "
         "target_modules, ...) or another method. " + "; ".join(problems) + "."
     )

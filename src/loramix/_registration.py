@@ -1,32 +1,63 @@
-"""The one module that touches PEFT internals: registering loramix's methods.
+"""The one module that touches PEFT and transformers internals; ``loramix/__init__.py`` runs it at import.
 
-PEFT keeps its methods in a closed ``PeftType`` enum, and ``register_peft_method`` refuses any
-name that is not already a member. Plain string keys would satisfy PEFT itself, but transformers'
-``model.load_adapter`` calls ``peft_config.peft_type.value.lower()`` and needs a real member.
-So we add real members to the enum (the same thing ``aenum.extend_enum`` does for stdlib enums),
-then call PEFT's public ``register_peft_method``.
+Nothing else in loramix changes PEFT's or transformers' state: a config only looks its ``PeftType``
+member up, and constructing, saving or loading adapters changes no registry. What ``import loramix`` does,
+once per process (every function here is idempotent: importing or reloading loramix twice registers once):
 
-It also makes PEFT's adapter-weight writer crash-safe for loramix adapters (see
-``install_atomic_weight_writer``), and transformers' ``model.load_adapter`` strict for them (see
-``install_strict_transformers_loading``).
+1. **Registration.** PEFT keeps its methods in a closed ``PeftType`` enum, and ``register_peft_method``
+   refuses any name that is not already a member. Plain string keys would satisfy PEFT itself, but
+   transformers' ``model.load_adapter`` calls ``peft_config.peft_type.value.lower()`` and needs a real
+   member. So :func:`register` adds real members to the enum (what ``aenum.extend_enum`` does for stdlib
+   enums), then calls PEFT's public ``register_peft_method``.
 
-Every function here is idempotent: importing (or reloading) loramix twice registers once.
+2. **Crash-safe weight writing** (:func:`install_atomic_weight_writer`). This is the one patch that PEFT's
+   tuner hooks cannot replace. ``PeftModel.save_pretrained`` (peft 0.21.2, ``peft/peft_model.py``) gets the
+   adapter's tensors from ``get_peft_model_state_dict``, whose only method-specific step is the tuner hook
+   ``BaseTuner._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)``
+   (``peft/tuners/tuners_utils.py`` l. 1510, called from ``peft/utils/save_and_load.py`` l. 239): it
+   returns a dict and is given neither the directory nor the file name, and it also runs outside of saves.
+   PEFT then writes the file itself with the module-level name ``safe_save_file``
+   (``peft/peft_model.py`` l. 37 ``from safetensors.torch import save_file as safe_save_file``, called at
+   l. 356-360 ``safe_save_file(output_state_dict, os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), ...)``),
+   replacing the previous weights: safetensors < 0.8 truncates the file in place, 0.8 renames a temporary
+   file over it (safetensors PR #764; the open PR #793 would write in place again where rename fails). Either way
+   the old bytes are gone unless something keeps them before that call, and no tuner or config code runs
+   between the hook and the write. Keeping the previous weights until the new config is in place (the
+   journal of ``loramix/_saving.py``) therefore needs our code at that call. The patch rebinds only that name in
+   ``peft.peft_model`` (not ``safetensors``), and hands every call that is not a loramix adapter's
+   ``adapter_model.safetensors`` (other PEFT methods, PEFT's disk-offload files at l. 1385) to the original
+   unchanged. ``save_pretrained(safe_serialization=False)`` writes with ``torch.save`` (l. 373), which is not
+   patched: see ``loramix/_saving.py`` for what that means for an interrupted ``.bin`` save.
+
+3. **Strict loading in transformers** (:func:`install_strict_transformers_loading`). ``PeftModel`` loading
+   is made strict by the tuner hook ``_remap_adapter_state_dict_for_load`` (``loramix/_tuner.py``), which
+   PEFT's ``set_peft_model_state_dict`` calls (``peft/utils/save_and_load.py`` l. 625). transformers'
+   ``PeftAdapterMixin.load_adapter`` (``transformers/integrations/peft.py``) calls no tuner hook: it injects
+   the layers, loads the file with its own ``_load_pretrained_model`` and only logs missing tensors. The
+   wrapper checks the adapter directory like ``PeftModel.from_pretrained`` does before the load (config
+   keys, format version, weights hash) and raises on missing or unexpected tensors after it.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import os
-import shutil
 
 import peft.peft_model
+from peft.tuners.tuners_utils import (  # PEFT private helpers the tuners use, imported here only
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+    _maybe_include_all_linear_layers,
+)
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.peft_types import PeftType, register_peft_method
-from safetensors.torch import save as safetensors_bytes
 
-from ._config_base import PREVIOUS_WEIGHTS_NAME, atomic_write_bytes
+from ._saving import write_adapter_safetensors
 
-# Parameter prefixes of loramix methods: a state dict holding such keys is a loramix adapter.
-LORAMIX_PREFIXES = (".mor_", ".milora_")
+# ".<prefix>" of every registered loramix method: a state dict with such keys is a loramix adapter.
+_WEIGHT_MARKERS: set[str] = set()
 
 
 def extend_peft_type(name: str) -> PeftType:
@@ -59,6 +90,10 @@ def register(name: str, config_cls: type, model_cls: type) -> PeftType:
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+    if config_cls.PEFT_TYPE_NAME != name.upper():
+        raise ValueError(
+            f"{config_cls.__name__}.PEFT_TYPE_NAME is {config_cls.PEFT_TYPE_NAME!r}, not {name.upper()!r}."
+        )
     peft_type = extend_peft_type(name.upper())
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is None:
         register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
@@ -67,49 +102,98 @@ def register(name: str, config_cls: type, model_cls: type) -> PeftType:
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
+    _WEIGHT_MARKERS.add("." + model_cls.prefix)
     install_atomic_weight_writer()
     install_strict_transformers_loading()
     return peft_type
 
 
-def _atomic_safe_save_file(tensors, filename, metadata=None):
-    """PEFT's ``safe_save_file``, made crash-safe for loramix adapters.
+def _is_loramix_state_dict(tensors) -> bool:
+    return any(marker in key for key in tensors for marker in _WEIGHT_MARKERS)
 
-    The new weights go to a temporary file renamed over the old one, and the old weights are kept as
-    ``PREVIOUS_WEIGHTS_NAME`` until the matching ``adapter_config.json`` is in place (the config's
-    ``save_pretrained`` then removes it). A process killed at any point leaves either the old or the
-    new adapter: ``LoramixConfig.from_pretrained`` rolls back to the old pair when it finds new weights
-    next to an old config. Other PEFT methods' saves are passed through unchanged.
-    """
-    if not any(marker in key for key in tensors for marker in LORAMIX_PREFIXES):
-        return _original_safe_save_file(tensors, filename, metadata=metadata)
-    previous = os.path.join(os.path.dirname(os.path.abspath(filename)), PREVIOUS_WEIGHTS_NAME)
-    if os.path.isfile(filename):
-        tmp = previous + ".tmp"
-        shutil.copy2(filename, tmp)
-        os.replace(tmp, previous)
-    atomic_write_bytes(filename, safetensors_bytes(tensors, metadata=metadata))
+
+def _safe_save_file(tensors, filename, metadata=None):
+    """``peft.peft_model.safe_save_file``: a loramix adapter's weights go through the crash-safe writer."""
+    if os.path.basename(filename) == SAFETENSORS_WEIGHTS_NAME and _is_loramix_state_dict(tensors):
+        return write_adapter_safetensors(tensors, filename, metadata=metadata)
+    return _original_safe_save_file(tensors, filename, metadata=metadata)
 
 
 _original_safe_save_file = getattr(
     peft.peft_model.safe_save_file, "__wrapped_original__", peft.peft_model.safe_save_file
 )
-_atomic_safe_save_file.__wrapped_original__ = _original_safe_save_file
+_safe_save_file.__wrapped_original__ = _original_safe_save_file
 
 
 def install_atomic_weight_writer() -> None:
-    """Route ``PeftModel.save_pretrained``'s safetensors writes through :func:`_atomic_safe_save_file`."""
-    peft.peft_model.safe_save_file = _atomic_safe_save_file
+    """Route ``PeftModel.save_pretrained``'s safetensors writes through :func:`_safe_save_file`."""
+    peft.peft_model.safe_save_file = _safe_save_file
+
+
+def _check_local_loramix_adapter(arguments: dict) -> str | None:
+    """What ``PeftModel.from_pretrained`` checks before loading (``LoramixConfig.from_pretrained``), for
+    transformers' ``load_adapter`` of a local loramix adapter directory. Returns the weights file that will be
+    loaded; None for anything else, which is left to transformers."""
+    from ._config_base import LoramixConfig
+    from ._saving import resolve_weights
+
+    model_id = arguments.get("peft_model_id")
+    if model_id is None or arguments.get("peft_config") is not None or arguments.get("adapter_state_dict") is not None:
+        return None
+    subfolder = (arguments.get("adapter_kwargs") or {}).get("subfolder")
+    directory = os.path.join(os.fspath(model_id), subfolder or "")
+    try:
+        with open(os.path.join(directory, CONFIG_NAME)) as handle:
+            peft_type = json.load(handle).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a local adapter, or a config that transformers reports itself
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(PeftType.__members__.get(str(peft_type)))
+    if not (isinstance(config_cls, type) and issubclass(config_cls, LoramixConfig)):
+        return None
+    config = config_cls.from_pretrained(os.fspath(model_id), subfolder=subfolder)
+    return resolve_weights(directory, config.weights_sha256)
+
+
+def _remove_adapters(model, names: list[str]) -> None:
+    """transformers' ``delete_adapter`` without its PEFT version gate (transformers 5.24 wants peft >= 0.22 there)."""
+    from peft.functional import delete_adapter
+
+    for name in names:
+        delete_adapter(model, adapter_name=name, prefix=f"{model.peft_config[name].peft_type.value.lower()}_")
+        model.peft_config.pop(name, None)
+    if not model.peft_config:
+        del model.peft_config
+        model._hf_peft_config_loaded = False
 
 
 def _strict_load_adapter(original):
-    """Wrap transformers' ``PeftAdapterMixin.load_adapter``: for a loramix adapter, missing or unexpected
-    tensors are an error (and the half-loaded adapter is removed) instead of a printed load report."""
+    """Wrap transformers' ``PeftAdapterMixin.load_adapter`` for loramix adapters: a local adapter is checked
+    like ``PeftModel.from_pretrained`` checks it, and missing or unexpected tensors are an error (the
+    half-loaded adapter is removed) instead of a printed load report."""
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def load_adapter(self, *args, **kwargs):
         from ._config_base import LoramixConfig
 
+        try:
+            arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:
+            arguments = {}  # let transformers raise its own error for a bad call
+        weights = _check_local_loramix_adapter(arguments)
+        load_config = arguments.get("load_config")
+        if (
+            weights is not None
+            and os.path.basename(weights) == WEIGHTS_NAME
+            and "use_safetensors" not in kwargs
+            and getattr(load_config, "use_safetensors", None) is None
+        ):
+            # transformers 5.24 looks for a local adapter_model.safetensors by explicit name and fails on a
+            # directory holding only adapter_model.bin instead of falling back to it (transformers/integrations/
+            # peft.py, the adapter_filenames loop, and modeling_utils._get_resolved_checkpoint_files).
+            kwargs["use_safetensors"] = False
         before = set(getattr(self, "peft_config", {}) or {})
 
         def added() -> list[str]:
@@ -120,17 +204,17 @@ def _strict_load_adapter(original):
         except Exception:
             new = [n for n in added() if isinstance(self.peft_config[n], LoramixConfig)]
             if new:  # e.g. a shape mismatch: do not leave the injected, unloaded adapter behind
-                self.delete_adapter(new)
+                _remove_adapters(self, new)
             raise
         added = added()
         if info is None or not added or not isinstance(self.peft_config[added[0]], LoramixConfig):
             return info
         missing = sorted(getattr(info, "missing_keys", ()) or ())
         unexpected = sorted(
-            k for k in getattr(info, "unexpected_keys", ()) or () if any(m in f".{k}" for m in LORAMIX_PREFIXES)
+            k for k in getattr(info, "unexpected_keys", ()) or () if any(m in f".{k}" for m in _WEIGHT_MARKERS)
         )
         if missing or unexpected:
-            self.delete_adapter(added)
+            _remove_adapters(self, added)
             raise ValueError(
                 f"The adapter checkpoint does not fit this model; adapter {added[0]!r} was not loaded. "
                 f"Missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
@@ -144,9 +228,17 @@ def _strict_load_adapter(original):
 
 
 def install_strict_transformers_loading() -> None:
-    """Make transformers' own ``model.load_adapter(path)`` refuse incomplete loramix adapters."""
+    """Make transformers' own ``model.load_adapter(path)`` check and refuse bad loramix adapters."""
     from transformers.integrations.peft import PeftAdapterMixin
 
     current = PeftAdapterMixin.load_adapter
     original = getattr(current, "__loramix_original__", current)
     PeftAdapterMixin.load_adapter = _strict_load_adapter(original)
+
+
+__all__ = [
+    "_filter_state_dict_by_key_prefixes",
+    "_get_tuner_state_dict_key_prefixes",
+    "_maybe_include_all_linear_layers",
+    "register",
+]

@@ -7,10 +7,9 @@ initialisation scheme for LoRA; this one is a prompt-routed mixture of a block's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .._config_base import LoramixConfig
-from .._registration import extend_peft_type
 from .._validation import check_choice, check_int, check_layers_to_transform, check_number
 from .functional import ACTIVATIONS, POOLERS
 
@@ -21,9 +20,11 @@ ROUTER_INPUTS = ("normalized", "residual")
 class MiLoRAConfig(LoramixConfig):
     """Configuration of a MiLoRA adapter: a block's LoRA modules are experts, chosen once per prompt.
 
-    Every targeted linear layer of a transformer block gets an ordinary LoRA (an *expert*). One router
-    per block reads the block's input hidden states ``H`` of the prompt and picks ``top_k`` experts
-    (paper Eq. 2-3)::
+    MiLoRA is "MiLoRA: Efficient Mixture of Low-Rank Adaptation for Large Language Models Fine-tuning",
+    Zhang et al., Findings of EMNLP 2024, arXiv 2410.18035 (https://arxiv.org/abs/2410.18035); not the
+    "minor singular components" MiLoRA of arXiv 2406.09044. Every targeted linear layer of a transformer
+    block gets an ordinary LoRA (an *expert*). One router per block reads the block's input hidden states
+    ``H`` of the prompt and picks ``top_k`` experts (paper Eq. 2-3)::
 
         w = Top-k(softmax(g(Pooler(H)) W_r))         # per prompt, per block; N = experts in the block
         o_m = W_m x + w_m · (lora_alpha / r) · B_m A_m x    for a selected module m; W_m x otherwise
@@ -32,7 +33,54 @@ class MiLoRAConfig(LoramixConfig):
     ``use_dora=True`` gives MiDoRA (weight-decomposed experts). A fresh adapter (``init_weights=True``)
     leaves the model's outputs unchanged.
 
-    Not the "minor singular components" MiLoRA of arXiv 2406.09044.
+    Args:
+        r (`int`, defaults to 32):
+            Rank of every LoRA expert.
+        lora_alpha (`float`, defaults to 64):
+            LoRA scaling: each expert's update is multiplied by ``lora_alpha / r``.
+        lora_dropout (`float`, defaults to 0.05):
+            Dropout probability on the input of each expert's ``A``.
+        target_modules (`list[str]` or `str`, *optional*):
+            Names (suffix match) or a regex of the ``nn.Linear`` modules that become experts. Default: every
+            projection of a block (LLaMA: ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``), see
+            ``loramix.constants.TRANSFORMERS_MODELS_TO_BLOCK_TARGET_MODULES``.
+        exclude_modules (`list[str]` or `str`, *optional*):
+            Names or a regex of modules not to adapt, even if they match ``target_modules``.
+        top_k (`int`, defaults to 3):
+            Experts selected per prompt in each block (the paper: 3 of 7); at most the experts of every block.
+        pooler (`str`, defaults to `"attention"`):
+            How the router summarises the prompt: ``"attention"`` (learnable attention pooling, paper Appendix C;
+            starts as mean pooling), ``"mean"``, ``"last"`` (last prompt token), ``"max"``. Padding never enters it.
+        router_input (`str`, defaults to `"normalized"`):
+            ``"normalized"``: pool the block's input after its input norm (what its projections see).
+            ``"residual"``: pool the raw residual stream (the paper's ``H`` read literally), whose large activations
+            in real LLMs saturate the router softmax.
+        activation (`str`, defaults to `"rational"`):
+            Activation ``g`` between pooler and router: ``"rational"`` (learnable, paper Eq. 6, initialised to fit
+            GeLU), ``"gelu"``, ``"relu"``, ``"identity"``.
+        rational_order (`tuple[int, int]`, defaults to `(6, 5)`):
+            Orders ``(m, n)`` of the numerator and denominator of the rational activation.
+        router_aux_loss_coef (`float`, defaults to 0.01):
+            Weight of the Switch balance loss over the prompts of the batch (per block, averaged over blocks).
+            Always returned as ``aux_loss``; added to ``loss`` when labels are given in training.
+        use_dora (`bool`, defaults to `False`):
+            MiDoRA: weight-decomposed (DoRA) experts.
+        init_weights (`bool`, defaults to `True`):
+            ``True``: ``A`` kaiming-uniform, ``B`` zero (a fresh adapter is a no-op), router ``N(0, 0.02)``,
+            attention-pool query zero, rational = GeLU fit. ``False``: ``B``, router and query random too.
+        layers_to_transform (`list[int]` or `int`, *optional*):
+            Only adapt (and route) the transformer blocks with these indices.
+        layers_pattern (`list[str]` or `str`, *optional*):
+            Name of the module list holding the blocks (e.g. ``"layers"``); only with ``layers_to_transform``.
+        modules_to_save (`list[str]`, *optional*):
+            Modules besides the adapter to train fully and save with it (e.g. a classification head).
+        router_anchor (`str`, *optional*):
+            The module of every block that the router wraps (it must run before the block's projections): the router
+            pools its output (``"normalized"``) or its input (``"residual"``). Default per architecture (LLaMA: ``"input_layernorm"``), see
+            ``loramix.constants.TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR``.
+        loramix_format (`int`), weights_sha256 (`str`, *optional*):
+            Set automatically when saving (adapter format version, hash of the saved weights); see
+            ``loramix._config_base.LoramixConfig``.
 
     Example::
 
@@ -41,6 +89,8 @@ class MiLoRAConfig(LoramixConfig):
 
         model = get_peft_model(base_model, loramix.MiLoRAConfig(r=32, top_k=3, task_type="CAUSAL_LM"))
     """
+
+    PEFT_TYPE_NAME: ClassVar[str] = "MILORA"
 
     r: int = field(default=32, metadata={"help": "Rank of every LoRA expert."})
     lora_alpha: float = field(
@@ -135,8 +185,7 @@ class MiLoRAConfig(LoramixConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self.peft_type = extend_peft_type("MILORA")
+        super().__post_init__()  # also sets peft_type to PeftType.MILORA
         check_int("r", self.r, 1)
         check_number("lora_alpha", self.lora_alpha, 0.0)
         check_number("lora_dropout", self.lora_dropout, 0.0, 1.0, open_max=True)

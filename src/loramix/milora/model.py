@@ -14,12 +14,12 @@ import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
-    _maybe_include_all_linear_layers,
     check_target_module_exists,
 )
 from peft.utils.integrations import init_empty_weights
 from torch import nn
 
+from .._registration import _maybe_include_all_linear_layers
 from .._tuner import LoramixTunerMixin
 from ..constants import TRANSFORMERS_MODELS_TO_BLOCK_TARGET_MODULES, TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR
 from .config import MiLoRAConfig

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .._config_base import LoramixConfig
-from .._registration import extend_peft_type
 from .._validation import check_choice, check_int, check_layers_to_transform, check_number
 
 ROUTERS = ("softmax", "mean")
@@ -17,7 +16,9 @@ BIASES = ("none", "all", "mor_only")
 class MoRConfig(LoramixConfig):
     """Configuration of a MoR adapter: one shared LoRA per linear layer, mixed by a per-token router.
 
-    For a targeted linear ``W`` (``d_out x d_in``) the adapted layer computes (paper Eq. 11 and 15)::
+    MoR is "MoR: Mixture of Ranks for Low-Rank Adaptation Tuning", Tang et al., arXiv 2410.13408
+    (https://arxiv.org/abs/2410.13408). For a targeted linear ``W`` (``d_out x d_in``) the adapted
+    layer computes (paper Eq. 11 and 15)::
 
         G(x) = softmax(W_r x)                                      # N router weights per token
         o    = W x + (lora_alpha / r) * sum_i G_i(x) * Ω_B[i] ⊙ B (Ω_A[i] ⊙ (A x))
@@ -26,6 +27,43 @@ class MoRConfig(LoramixConfig):
     each expert being its own pair of scaling vectors ``Ω_A[i]`` (``r``) and ``Ω_B[i]`` (``d_out``).
     With the defaults, a fresh adapter equals a zero-initialised LoRA: the model is unchanged.
 
+    Args:
+        r (`int`, defaults to 8):
+            Rank of the shared LoRA matrices ``A`` and ``B``.
+        lora_alpha (`float`, defaults to 32):
+            LoRA scaling: the mixture is multiplied by ``lora_alpha / r``.
+        lora_dropout (`float`, defaults to 0.05):
+            Dropout probability on the input of ``A`` (the router sees the input without dropout).
+        num_experts (`int`, defaults to 8):
+            Number ``N`` of rank experts, each a pair of scaling vectors ``Ω_A[i]``, ``Ω_B[i]``.
+        target_modules (`list[str]` or `str`, *optional*):
+            Names (suffix match) or a regex of the ``nn.Linear`` modules to adapt. Default: the feed-forward
+            projections of the architecture (LLaMA: ``gate_proj``, ``up_proj``, ``down_proj``), see
+            ``loramix.constants.TRANSFORMERS_MODELS_TO_FFN_TARGET_MODULES``.
+        exclude_modules (`list[str]` or `str`, *optional*):
+            Names or a regex of modules not to adapt, even if they match ``target_modules``.
+        router (`str`, defaults to `"softmax"`):
+            ``"softmax"``: the learnable per-token router ``softmax(W_r x)`` of the paper. ``"mean"``: uniform
+            ``1/N`` weights, not learnable; the mixture is then input-independent and can be merged.
+        router_aux_loss_coef (`float`, defaults to 0.0):
+            Weight of the Switch-Transformer balance loss ``N · Σ_i f_i · p_i`` (averaged over layers). When > 0,
+            it is returned as ``aux_loss`` and, times this weight, added to ``loss`` whenever labels are given.
+        init_weights (`bool`, defaults to `True`):
+            ``True``: ``A`` kaiming-uniform, ``B`` zero, ``Ω`` ones, router ``N(0, 0.02)``: a fresh adapter is a
+            no-op. ``False``: ``B`` and ``Ω`` random too (non-trivial outputs, for tests and debugging).
+        layers_to_transform (`list[int]` or `int`, *optional*):
+            Only adapt the transformer blocks with these indices.
+        layers_pattern (`list[str]` or `str`, *optional*):
+            Name of the module list holding the blocks (e.g. ``"layers"``); only with ``layers_to_transform``.
+        modules_to_save (`list[str]`, *optional*):
+            Modules besides the adapter to train fully and save with it (e.g. a classification head).
+        bias (`str`, defaults to `"none"`):
+            Which biases to train and save: ``"none"``, ``"all"`` biases of the model, or ``"mor_only"`` (the
+            biases of the adapted layers).
+        loramix_format (`int`), weights_sha256 (`str`, *optional*):
+            Set automatically when saving (adapter format version, hash of the saved weights); see
+            ``loramix._config_base.LoramixConfig``.
+
     Example::
 
         import loramix
@@ -33,6 +71,8 @@ class MoRConfig(LoramixConfig):
 
         model = get_peft_model(base_model, loramix.MoRConfig(r=8, num_experts=8, task_type="CAUSAL_LM"))
     """
+
+    PEFT_TYPE_NAME: ClassVar[str] = "MOR"
 
     r: int = field(default=8, metadata={"help": "Rank of the shared LoRA matrices A and B."})
     lora_alpha: float = field(
@@ -95,8 +135,7 @@ class MoRConfig(LoramixConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self.peft_type = extend_peft_type("MOR")
+        super().__post_init__()  # also sets peft_type to PeftType.MOR
         check_int("r", self.r, 1)
         check_number("lora_alpha", self.lora_alpha, 0.0)
         check_number("lora_dropout", self.lora_dropout, 0.0, 1.0, open_max=True)
