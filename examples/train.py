@@ -20,6 +20,7 @@ The router aux loss is optimised and logged (``aux_loss``, ``router_entropy``, `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import string
@@ -177,6 +178,13 @@ class Collator:
         return batch
 
 
+def checkpointing_argument() -> str:
+    """``TrainingArguments``' name for activation checkpointing: ``activation_checkpointing`` from transformers
+    5.23 on (``gradient_checkpointing`` is its deprecated alias there), ``gradient_checkpointing`` before."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 # -- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
@@ -212,8 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        # only when asked: the argument is renamed activation_checkpointing in transformers 5 (old name warns)
-        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
+        # only when asked (passing False under the old name would warn too)
+        **({checkpointing_argument(): True} if args.gradient_checkpointing else {}),
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, data_collator=Collator(pad_id))
     add_router_stats_callback(trainer)  # logs aux_loss, router_entropy, router_balance

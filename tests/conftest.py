@@ -7,6 +7,11 @@ import os
 # Tests never reach a model hub: fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests import deprecations  # noqa: E402
+
+# Upstream deprecations count against whoever called the deprecated API (see pyproject's filterwarnings).
+deprecations.install()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

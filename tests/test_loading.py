@@ -205,7 +205,8 @@ def test_transformers_load_adapter_is_strict_too(adapter_dir, input_ids):
     rewrite_weights(adapter_dir, lambda t: t.pop("base_model.model.model.layers.0.mlp.gate_proj.mor_A"))
     model = tiny_llama()
     expected = model(input_ids=input_ids).logits
-    with pytest.raises(ValueError, match=r"was not loaded.*layers\.0\.mlp\.gate_proj\.mor_A"):
+    # transformers 5 reports the missing tensor after loading; 4.x goes through PEFT's hook (loramix's own check)
+    with pytest.raises(ValueError, match=r"(was not|nothing was) loaded.*layers\.0\.mlp\.gate_proj\.mor_A"):
         model.load_adapter(str(adapter_dir))
     assert not getattr(model, "peft_config", {})
     assert not any(".mor_" in name for name in model.state_dict())
@@ -214,7 +215,8 @@ def test_transformers_load_adapter_is_strict_too(adapter_dir, input_ids):
 
 def test_transformers_load_adapter_shape_mismatch_leaves_no_adapter(adapter_dir):
     model = tiny_llama(intermediate_size=64)
-    with pytest.raises(RuntimeError, match="size mismatch|mismatched"):
+    # transformers 5: its own size-mismatch error; 4.x: loramix's check in PEFT's load hook
+    with pytest.raises((RuntimeError, ValueError), match="size mismatch|mismatched|another shape"):
         model.load_adapter(str(adapter_dir))
     assert not getattr(model, "peft_config", {}) and not any(".mor_" in n for n in model.state_dict())
 

@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel, get_peft_model, inject_adapter_in_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from tests.integration.helpers import enable_activation_checkpointing
 from tests.methods import METHODS
 from tests.tiny_models import tiny_llama
 
@@ -144,7 +145,7 @@ def test_layer_wise_training(method, input_ids):
 
 def test_gradient_checkpointing_training(method, input_ids):
     model = make(method)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, use_reentrant=False)
     model.train()
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     grads = [p.grad for p in adapter_params(model, method).values() if p.grad is not None]

@@ -1,10 +1,16 @@
-"""Shared pieces of the integration tests: methods with the aux loss on, data, a character tokenizer."""
+"""Shared pieces of the integration tests: methods with the aux loss on, data, a character tokenizer, and
+the suite's version shims (what differs between the dependency versions that ``make test-oldest``,
+``make test`` and ``make test-newest`` run: see README "Supported versions")."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import string
 
 import torch
+import transformers
+from packaging.version import Version
 from peft import get_peft_model
 from transformers import PreTrainedTokenizerFast
 
@@ -27,6 +33,46 @@ def peft_model(method: str, seed: int = 0, base=None, **overrides):
     base = base if base is not None else tiny_llama(seed)
     torch.manual_seed(seed + 1)
     return get_peft_model(base, config(method, **overrides))
+
+
+def installed(package: str) -> Version:
+    """The installed version of ``package``."""
+    return Version(importlib.metadata.version(package))
+
+
+# transformers < 5.10: ``Trainer`` divides a causal LM's summed token loss by the count of all label tokens,
+# each row's first position included, although the shifted loss never predicts it; 5.10 counts
+# ``labels[..., 1:]``. (The model's own mean loss is the same on every version.)
+TRAINER_COUNTS_SHIFTED_LABELS = Version(transformers.__version__) >= Version("5.10")
+
+# TRL >= 1.15: ``SFTTrainer`` computes the loss from its fused LM head and leaves out the model's aux loss
+# (``with_router_aux_loss`` adds it back); before, it used the model's ``outputs.loss``, aux loss included.
+SFT_TRAINER_DROPS_AUX_LOSS = installed("trl") >= Version("1.15") if importlib.util.find_spec("trl") else None
+
+
+# transformers >= 5.16: activation checkpointing takes ``every_n_layers`` (checkpoint every n-th block only).
+CHECKPOINTING_EVERY_N_LAYERS = Version(transformers.__version__) >= Version("5.16")
+
+
+def trainer_token_count(labels: torch.Tensor) -> int:
+    """The ``num_items_in_batch`` that this transformers' ``Trainer`` divides a causal LM's loss sum by."""
+    counted = labels[..., 1:] if TRAINER_COUNTS_SHIFTED_LABELS else labels
+    return int(counted.ne(-100).sum())
+
+
+def enable_activation_checkpointing(model, use_reentrant: bool, **kwargs) -> None:
+    """Activation (gradient) checkpointing on a transformers model or a PEFT model of one.
+
+    The one version shim for it: transformers >= 5.23 has ``activation_checkpointing_enable`` and
+    deprecates ``gradient_checkpointing_enable`` (a FutureWarning, an error in this suite); older
+    releases have only the latter. ``kwargs`` go to whichever is called (``every_n_layers`` needs
+    :data:`CHECKPOINTING_EVERY_N_LAYERS`).
+    """
+    options = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)
 
 
 def adapter_state(model, method: str) -> dict[str, torch.Tensor]:

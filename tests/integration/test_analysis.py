@@ -11,9 +11,10 @@ import torch
 
 from loramix.analysis import RoutingRecorder, plot_routing, plot_routing_heatmap, plot_task_bars, router_statistics
 from loramix.analysis import summarize as summarize_stats
-from tests.integration.helpers import METHOD_NAMES, peft_model, sequences
+from tests.deprecations import IGNORE_UPSTREAM_DEPRECATIONS
+from tests.integration.helpers import METHOD_NAMES, enable_activation_checkpointing, peft_model, sequences
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings(*IGNORE_UPSTREAM_DEPRECATIONS, "ignore::UserWarning")
 
 
 def batches():
@@ -93,7 +94,7 @@ def test_no_double_counting_under_checkpointing(method):
     for checkpointing in (False, True):
         model = peft_model(method).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, False)
         with RoutingRecorder(model, training_only=True) as recorder:
             inputs = {k: v for k, v in batches()[0].items() if k != "task"}
             model(**inputs).loss.backward()

@@ -9,9 +9,10 @@ import transformers
 from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from tests.deprecations import IGNORE_UPSTREAM_DEPRECATIONS
 from tests.integration.helpers import METHOD_NAMES, config, sequences
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings(*IGNORE_UPSTREAM_DEPRECATIONS, "ignore::UserWarning")
 
 COMMON = dict(
     vocab_size=128,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.deprecations import IGNORE_UPSTREAM_DEPRECATIONS
 from tests.integration.helpers import METHOD_NAMES, peft_model, sequences
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings(*IGNORE_UPSTREAM_DEPRECATIONS, "ignore::UserWarning")
 
 
 def inputs():

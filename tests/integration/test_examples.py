@@ -12,10 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.deprecations import IGNORE_UPSTREAM_DEPRECATIONS
 from tests.integration.helpers import METHOD_NAMES
 from tests.integration.test_distributed import free_port
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+# The example scripts are imported under their own names: their deprecated calls are errors too.
+EXAMPLE_MODULES = "(train|generate|plot_routing|multitask_data|evaluation)$"
+pytestmark = pytest.mark.filterwarnings(
+    *IGNORE_UPSTREAM_DEPRECATIONS,
+    "ignore::UserWarning",
+    f"error::FutureWarning:{EXAMPLE_MODULES}",
+    f"error::DeprecationWarning:{EXAMPLE_MODULES}",
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

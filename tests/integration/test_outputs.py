@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
+from tests.deprecations import IGNORE_UPSTREAM_DEPRECATIONS
 from tests.integration.helpers import METHOD_NAMES, peft_model, sequences
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings(*IGNORE_UPSTREAM_DEPRECATIONS, "ignore::UserWarning")
 
 
 def _inputs():

@@ -8,10 +8,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import loramix.mor.functional as mor_functional
+from tests.deprecations import IGNORE_UPSTREAM_DEPRECATIONS
 from tests.integration.helpers import METHOD_NAMES, TokenDataset, peft_model, sequences
 from tests.tiny_models import tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings(*IGNORE_UPSTREAM_DEPRECATIONS, "ignore::UserWarning")
 
 HALF = [torch.bfloat16, torch.float16]
 

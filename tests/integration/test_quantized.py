@@ -10,11 +10,12 @@ import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from tests.deprecations import IGNORE_UPSTREAM_DEPRECATIONS
 from tests.integration.helpers import METHOD_NAMES, config, sequences
 from tests.tiny_models import tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(*IGNORE_UPSTREAM_DEPRECATIONS, "ignore::UserWarning")
 
 QUANT = {
     "4bit": (
@@ -34,7 +35,10 @@ def base_dir(tmp_path_factory):
 
 def load_quantized(base_dir, kind):
     quantization_config, _ = QUANT[kind]
-    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization_config(), device_map="cpu")
+    # float32 for the layers bitsandbytes leaves alone (transformers < 5 would load them in float16)
+    return AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=quantization_config(), device_map="cpu", dtype=torch.float32
+    )
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

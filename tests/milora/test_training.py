@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from loramix.milora.bilevel import MiLoRABilevelCallback, architecture_step, split_milora_parameters
+from tests.integration.helpers import enable_activation_checkpointing
 from tests.milora.common import latest, left_pad, milora_model, random_tokens, routers
 from tests.milora.reference import balance_reference, router_reference
 
@@ -49,7 +50,7 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant):
     reference(**batch()).loss.backward()
     expected = grads(reference)
     model = milora_model(router_aux_loss_coef=0.5).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_activation_checkpointing(model, reentrant)
     model.enable_input_require_grads()
     model(**batch()).loss.backward()
     got = grads(model)
