@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 
 from loramix import MiLoRAConfig, MoRConfig
+from loramix import routing as routing_module
 from loramix.milora.layer import MiLoRARouter
-from loramix.routing import capture_routing
+from loramix.routing import RoutingSession, capture_routing
 from tests.milora.common import left_pad, random_tokens, wide_llama
 from tests.milora.test_routing import count_routes, greedy_without_cache
 
@@ -134,3 +137,23 @@ def test_capture_routing_sees_only_routed_forwards():
         model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
     assert len(records) == 2 and {r.adapter for r in records} == {"default"}  # one per block: decoding reuses
     assert all(r.probs.shape == (1, 7) and r.selected.sum() == 2 for r in records)
+
+
+@pytest.mark.parametrize("method", ["mor", "milora"])
+def test_no_session_outlives_its_forward_and_backward(method, monkeypatch):
+    """Sessions (and the router tensors they hold) are freed with the step: nothing accumulates in training."""
+    alive = weakref.WeakSet()
+
+    class Tracked(RoutingSession):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            alive.add(self)
+
+    monkeypatch.setattr(routing_module, "RoutingSession", Tracked)
+    model = build(method).train()
+    x = batch(1)
+    for _ in range(3):
+        model(**x, labels=x["input_ids"]).loss.backward()
+    model.eval().generate(**x, max_new_tokens=3)
+    gc.collect()
+    assert len(alive) == 0

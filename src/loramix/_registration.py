@@ -10,8 +10,8 @@ once per process (every function here is idempotent: importing or reloading lora
    member. So :func:`register` adds real members to the enum (what ``aenum.extend_enum`` does for stdlib
    enums), then calls PEFT's public ``register_peft_method``.
 
-2. **Crash-safe weight writing** (:func:`install_atomic_weight_writer`). This is the one patch that PEFT's
-   tuner hooks cannot replace. ``PeftModel.save_pretrained`` (peft 0.21.2, ``peft/peft_model.py``) gets the
+2. **Crash-safe weight writing** (:func:`install_atomic_weight_writer`). PEFT's tuner hooks cannot replace this
+   patch (nor those of 4.). ``PeftModel.save_pretrained`` (peft 0.21.2, ``peft/peft_model.py``) gets the
    adapter's tensors from ``get_peft_model_state_dict``, whose only method-specific step is the tuner hook
    ``BaseTuner._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)``
    (``peft/tuners/tuners_utils.py`` l. 1510, called from ``peft/utils/save_and_load.py`` l. 239): it
@@ -36,6 +36,18 @@ once per process (every function here is idempotent: importing or reloading lora
    the layers, loads the file with its own ``_load_pretrained_model`` and only logs missing tensors. The
    wrapper checks the adapter directory like ``PeftModel.from_pretrained`` does before the load (config
    keys, format version, weights hash) and raises on missing or unexpected tensors after it.
+
+4. **A failed load leaves nothing behind** (:func:`install_undoing_peft_loading`, and the wrapper of 3).
+   PEFT creates the adapter's layers before it reads the weights: ``PeftModel.from_pretrained``
+   (``peft/peft_model.py`` l. 418) wraps the base model in place (``cls(model, config, adapter_name)``) and
+   then calls ``load_adapter``, which (l. 1417) adds the adapter, reads the file (``load_peft_weights``) and
+   loads it (``set_peft_model_state_dict``, where the tuner hook refuses a checkpoint that does not fit).
+   A refusal there, or an unreadable file, would leave the base model wrapped, or a model in use with a
+   half-created adapter. Only the entry point knows whether the adapter is new (``load_adapter`` also
+   reloads the weights of an existing adapter, and ``from_pretrained`` creates the adapter before calling
+   it), so the entry points themselves are wrapped: each captures the model's state
+   (:class:`loramix._undo.ModelState`) and restores it if the call raises and the model holds loramix
+   layers. ``AutoPeftModel*.from_pretrained`` goes through ``PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ import json
 import os
 
 import peft.peft_model
+import torch
 from peft.tuners.tuners_utils import (  # PEFT private helpers the tuners use, imported here only
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
@@ -55,9 +68,12 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.peft_types import PeftType, register_peft_method
 
 from ._saving import write_adapter_safetensors
+from ._undo import ModelState
 
 # ".<prefix>" of every registered loramix method: a state dict with such keys is a loramix adapter.
 _WEIGHT_MARKERS: set[str] = set()
+# The tuner layer classes of the registered methods: a model holding one holds a loramix adapter.
+_LAYER_CLASSES: set[type] = set()
 
 
 def extend_peft_type(name: str) -> PeftType:
@@ -103,9 +119,16 @@ def register(name: str, config_cls: type, model_cls: type) -> PeftType:
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
     _WEIGHT_MARKERS.add("." + model_cls.prefix)
+    _LAYER_CLASSES.add(model_cls.tuner_layer_cls)
     install_atomic_weight_writer()
     install_strict_transformers_loading()
+    install_undoing_peft_loading()
     return peft_type
+
+
+def _holds_loramix(model) -> bool:
+    classes = tuple(_LAYER_CLASSES)
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, classes) for m in model.modules())
 
 
 def _is_loramix_state_dict(tensors) -> bool:
@@ -156,22 +179,10 @@ def _check_local_loramix_adapter(arguments: dict) -> str | None:
     return resolve_weights(directory, config.weights_sha256)
 
 
-def _remove_adapters(model, names: list[str]) -> None:
-    """transformers' ``delete_adapter`` without its PEFT version gate (transformers 5.24 wants peft >= 0.22 there)."""
-    from peft.functional import delete_adapter
-
-    for name in names:
-        delete_adapter(model, adapter_name=name, prefix=f"{model.peft_config[name].peft_type.value.lower()}_")
-        model.peft_config.pop(name, None)
-    if not model.peft_config:
-        del model.peft_config
-        model._hf_peft_config_loaded = False
-
-
 def _strict_load_adapter(original):
     """Wrap transformers' ``PeftAdapterMixin.load_adapter`` for loramix adapters: a local adapter is checked
     like ``PeftModel.from_pretrained`` checks it, and missing or unexpected tensors are an error (the
-    half-loaded adapter is removed) instead of a printed load report."""
+    model is restored as it was) instead of a printed load report; any other failure restores it too."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -189,24 +200,21 @@ def _strict_load_adapter(original):
             and os.path.basename(weights) == WEIGHTS_NAME
             and "use_safetensors" not in kwargs
             and getattr(load_config, "use_safetensors", None) is None
+            and _accepts(original, "use_safetensors")  # transformers >= 5; 4.x falls back to the .bin itself
         ):
             # transformers 5.24 looks for a local adapter_model.safetensors by explicit name and fails on a
             # directory holding only adapter_model.bin instead of falling back to it (transformers/integrations/
             # peft.py, the adapter_filenames loop, and modeling_utils._get_resolved_checkpoint_files).
             kwargs["use_safetensors"] = False
         before = set(getattr(self, "peft_config", {}) or {})
-
-        def added() -> list[str]:
-            return [name for name in getattr(self, "peft_config", {}) or {} if name not in before]
-
+        state = ModelState(self)
         try:
             info = original(self, *args, **kwargs)
-        except Exception:
-            new = [n for n in added() if isinstance(self.peft_config[n], LoramixConfig)]
-            if new:  # e.g. a shape mismatch: do not leave the injected, unloaded adapter behind
-                _remove_adapters(self, new)
+        except BaseException:
+            if _holds_loramix(self):  # e.g. a shape mismatch: no injected, unloaded adapter stays behind
+                state.restore()
             raise
-        added = added()
+        added = [name for name in getattr(self, "peft_config", {}) or {} if name not in before]
         if info is None or not added or not isinstance(self.peft_config[added[0]], LoramixConfig):
             return info
         missing = sorted(getattr(info, "missing_keys", ()) or ())
@@ -214,7 +222,7 @@ def _strict_load_adapter(original):
             k for k in getattr(info, "unexpected_keys", ()) or () if any(m in f".{k}" for m in _WEIGHT_MARKERS)
         )
         if missing or unexpected:
-            _remove_adapters(self, added)
+            state.restore()
             raise ValueError(
                 f"The adapter checkpoint does not fit this model; adapter {added[0]!r} was not loaded. "
                 f"Missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
@@ -227,6 +235,11 @@ def _strict_load_adapter(original):
     return load_adapter
 
 
+def _accepts(function, name: str) -> bool:
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def install_strict_transformers_loading() -> None:
     """Make transformers' own ``model.load_adapter(path)`` check and refuse bad loramix adapters."""
     from transformers.integrations.peft import PeftAdapterMixin
@@ -234,6 +247,52 @@ def install_strict_transformers_loading() -> None:
     current = PeftAdapterMixin.load_adapter
     original = getattr(current, "__loramix_original__", current)
     PeftAdapterMixin.load_adapter = _strict_load_adapter(original)
+
+
+def _undoing_from_pretrained(original):
+    """``PeftModel.from_pretrained`` (a classmethod's function) that restores ``model`` if the load fails."""
+
+    @functools.wraps(original)
+    def from_pretrained(cls, model, *args, **kwargs):
+        state = ModelState(model) if isinstance(model, torch.nn.Module) else None
+        try:
+            return original(cls, model, *args, **kwargs)
+        except BaseException:
+            if state is not None and _holds_loramix(model):
+                state.restore()
+            raise
+
+    from_pretrained.__loramix_original__ = original
+    return from_pretrained
+
+
+def _undoing_load_adapter(original):
+    """``PeftModel.load_adapter`` that restores the model (its other adapters included) if the load fails."""
+
+    @functools.wraps(original)
+    def load_adapter(self, *args, **kwargs):
+        state = ModelState(self)
+        try:
+            return original(self, *args, **kwargs)
+        except BaseException:
+            if _holds_loramix(self):
+                state.restore()
+            raise
+
+    load_adapter.__loramix_original__ = original
+    return load_adapter
+
+
+def install_undoing_peft_loading() -> None:
+    """Make ``PeftModel.from_pretrained`` and ``PeftModel.load_adapter`` leave nothing behind when a loramix
+    adapter fails to load (point 4 of the module docstring)."""
+    from peft import PeftModel
+
+    function = PeftModel.__dict__["from_pretrained"].__func__
+    original = getattr(function, "__loramix_original__", function)
+    PeftModel.from_pretrained = classmethod(_undoing_from_pretrained(original))
+    current = PeftModel.load_adapter
+    PeftModel.load_adapter = _undoing_load_adapter(getattr(current, "__loramix_original__", current))
 
 
 __all__ = [

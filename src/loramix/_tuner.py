@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from ._loading import check_adapter_state_dict
+from ._outputs import ignore_router_outputs_at_inference, restore_keys_to_ignore_at_inference
+from ._undo import ModelState
 from .routing import generation_routing, install_session_hooks, remove_session_hooks
 
 
@@ -21,32 +23,78 @@ def reject_mixed_adapter_batches(kwargs: dict[str, Any]) -> None:
 
 
 class LoramixTunerMixin:
-    """Routing sessions on the adapted model (:mod:`loramix.routing`), strict adapter loading, and refusal of
-    unsupported PEFT forward arguments."""
+    """Routing sessions on the adapted model (:mod:`loramix.routing`), strict adapter loading, refusal of
+    unsupported PEFT forward arguments, and refusals that change nothing.
+
+    Every refusal is decided before anything changes: merging checks all the adapters it would merge
+    (:meth:`_check_merge`), ``set_adapter`` all the names, and adding an adapter that fails part-way puts
+    the model back as it was (:class:`~loramix._undo.ModelState`). Failed loads are undone by the loading
+    entry points (``loramix/_registration.py``), which know whether the adapter is new.
+    """
 
     prefix: str
 
     def inject_adapter(self, model, adapter_name: str, **kwargs: Any) -> None:
-        super().inject_adapter(model, adapter_name, **kwargs)
-        install_session_hooks(model)  # also on transformers' load_adapter path, which keeps no tuner
+        state = ModelState(self, model)
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+            self._finish_injection(model, adapter_name, low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False))
+            install_session_hooks(model)  # also on transformers' load_adapter path, which keeps no tuner
+            ignore_router_outputs_at_inference(getattr(model, "config", None))  # Trainer's predictions: logits
+        except BaseException:
+            state.restore()
+            raise
 
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
+    def _finish_injection(self, model, adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
+        """Method-specific injection after PEFT's (MiLoRA: the routers); undone with it if it fails."""
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"Adapter(s) {unknown} not found; this model has {list(self.peft_config)}. Nothing was changed."
+            )
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
+    ):
+        if merge:
+            self._check_merge(adapter_names)
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
         remove_session_hooks(model)
+        restore_keys_to_ignore_at_inference(getattr(model, "config", None))
         return model
+
+    def _check_merge(self, adapter_names: list[str] | None) -> None:
+        """Raise, before any weight changes, if any adapter that would be merged cannot be (the named ones, or
+        the active ones when ``adapter_names`` is None)."""
+        names = list(self.active_adapters) if adapter_names is None else adapter_names
+        if isinstance(names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {names!r}.")
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"Cannot merge adapter(s) {unknown}: not found; this model has {list(self.peft_config)}. "
+                "Nothing was merged."
+            )
+        self._refuse_merge(list(names))
+
+    def _refuse_merge(self, adapter_names: list[str]) -> None:
+        """Raise ``ValueError`` if any of ``adapter_names`` cannot be merged into every layer it adapts."""
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        try:
-            check_adapter_state_dict(model, adapter_name, remapped, cls.prefix)
-        except ValueError:
-            # PEFT has already created the adapter's layers: remove them so that no adapter with random
-            # weights stays behind (load_adapter of a second adapter into a model in use).
-            peft_config = getattr(model, "peft_config", {})
-            if adapter_name in peft_config and len(peft_config) > 1 and hasattr(model, "delete_adapter"):
-                model.delete_adapter(adapter_name)
-            raise
+        # Raises before any weight is loaded; the loading entry point undoes the adapter it created, if any.
+        check_adapter_state_dict(model, adapter_name, remapped, cls.prefix)
         return remapped
 
     @contextmanager

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from ._outputs import with_output_fields
 from .balance import balance_losses
@@ -51,6 +52,7 @@ _GENERATION: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loram
 _CACHE_ROUTING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # adapted model -> callbacks that receive (records, outputs) at the end of each of its forwards
 _SUBSCRIBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNSET = object()
 _CACHE_NAMES = ("past_key_values", "cache")  # only to refuse legacy tuple caches; Cache objects are found by type
 
 
@@ -136,19 +138,14 @@ class RoutingSession:
         self.records: list[RouterRecord] = []
         self.pending: dict[tuple[nn.Module, str], Any] = {}
         self.closed = False
-        self._pool = ()
+        self._pool: Any = _UNSET
 
     def _fits(self, mask: Any) -> bool:
-        return (
-            isinstance(mask, torch.Tensor)
-            and mask.dim() == 2
-            and self.shape is not None
-            and mask.shape[0] == self.shape[0]
-        )
+        return isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == (self.shape or (None,))[0]
 
     def pool_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The MiLoRA pool mask for block inputs ``hidden`` (B, T, d); raises if it cannot fit them."""
-        if self._pool == ():
+        if self._pool is _UNSET:
             self._pool = build_pool_mask(*self._inputs, self.shape[1] if self.shape else None)
         if self._pool is None:
             return None
@@ -181,8 +178,6 @@ def generation_routing() -> Iterator[None]:
 
 
 def _find_cache(values) -> Any:
-    from transformers import Cache
-
     for value in values:
         if isinstance(value, Cache):
             return value
@@ -244,7 +239,8 @@ def session_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any)
 def _finish_outputs(module: nn.Module, session: RoutingSession, output: Any, labels: Any):
     """``aux_loss`` (mean over the adapters with ``router_aux_loss_coef > 0``), ``router_logits`` (MiLoRA),
     ``loss + Σ coef · aux`` whenever labels are given (transformers' MoE models do the same, in training and
-    evaluation); both for dataclass and tuple (``return_dict=False``) outputs."""
+    evaluation), with the loss before that term kept as ``lm_loss``; a tuple output (``return_dict=False``)
+    gets the same ``loss`` and no other field."""
     configs = getattr(module, "peft_config", {}) or {}
     coefs = {a: configs[a].router_aux_loss_coef for a in {r.adapter for r in session.records} if a in configs}
     losses = balance_losses(session, {a: c for a, c in coefs.items() if c > 0})
@@ -259,6 +255,8 @@ def _finish_outputs(module: nn.Module, session: RoutingSession, output: Any, lab
         if extra is not None and len(output) and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
             output = (output[0] + extra, *output[1:])
         return _resumable(session, output)
+    if extra is not None and output.get("loss") is not None:
+        values["lm_loss"] = output["loss"]  # the loss without the balance term
     output = with_output_fields(output, **values)  # real fields: DDP and torch.compile rebuild outputs
     if extra is not None and output.get("loss") is not None:
         output["loss"] = output["loss"] + extra
@@ -270,9 +268,10 @@ def _resumable(session: RoutingSession, output: Any) -> Any:
     block is re-run), until the pass ends: a pre-hook on the autograd nodes that produced them."""
     if not torch.is_grad_enabled():
         return output
-    values = list(output if isinstance(output, tuple) else output.values())
-    for value in values + [v for group in values if isinstance(group, tuple) for v in group]:
-        if isinstance(value, torch.Tensor) and value.grad_fn is not None:  # loss, logits, log_probs (TRL), ...
+    # Top-level tensors only (loss, logits, log_probs of TRL's fused head, ...): the router logits are held by
+    # the session itself, and a hook on their nodes would make a cycle that Python's GC cannot see.
+    for value in output if isinstance(output, tuple) else output.values():
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
             value.grad_fn.register_prehook(functools.partial(_resume, session))
     return output
 

@@ -62,7 +62,7 @@ class MiLoRAConfig(LoramixConfig):
             Orders ``(m, n)`` of the numerator and denominator of the rational activation.
         router_aux_loss_coef (`float`, defaults to 0.01):
             Weight of the Switch balance loss over the prompts of the batch (per block, averaged over blocks).
-            Always returned as ``aux_loss``; added to ``loss`` when labels are given in training.
+            Always returned as ``aux_loss``; added to ``loss`` whenever labels are given.
         use_dora (`bool`, defaults to `False`):
             MiDoRA: weight-decomposed (DoRA) experts.
         init_weights (`bool`, defaults to `True`):
@@ -150,7 +150,7 @@ class MiLoRAConfig(LoramixConfig):
         metadata={
             "help": (
                 "Weight of the Switch load-balancing loss N · Σ_i f_i · p̂_i over the prompts of the batch (per block, "
-                "averaged over blocks). Always returned as `aux_loss`; added to `loss` when labels are given in training."
+                "averaged over blocks). Always returned as `aux_loss`; added to `loss` whenever labels are given."
             )
         },
     )

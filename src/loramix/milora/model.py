@@ -59,9 +59,11 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
       raises;
     * ``outputs.router_logits`` (one (B, N) tensor per block) is set whenever routing ran, and
       ``outputs.aux_loss`` (Switch loss, mean over blocks) too when ``router_aux_loss_coef > 0``;
-      ``router_aux_loss_coef · aux_loss`` is added to ``outputs.loss`` when labels are given in training.
+      ``router_aux_loss_coef · aux_loss`` is added to ``outputs.loss`` when labels are given (``outputs.lm_loss``
+      keeps the loss without it).
 
-    ``merge_and_unload()`` raises (a per-prompt router cannot be merged); ``unload()`` works.
+    ``merge_adapter()`` and ``merge_and_unload()`` raise before anything changes (a per-prompt router cannot be
+    merged); ``unload()`` works.
     """
 
     prefix: str = "milora_"
@@ -169,21 +171,7 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
-    def inject_adapter(
-        self,
-        model: nn.Module,
-        adapter_name: str,
-        autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,
-        state_dict: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        super().inject_adapter(
-            model,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            state_dict=state_dict,
-        )
+    def _finish_injection(self, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
         with init_empty_weights() if low_cpu_mem_usage else nullcontext():
             self._attach_routers(model, adapter_name)
 
@@ -225,7 +213,5 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
     def _check_merge_allowed(self) -> None:
         raise ValueError(MERGE_ERROR)
 
-    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        if merge:
-            raise ValueError(MERGE_ERROR)
-        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+    def _refuse_merge(self, adapter_names: list[str]) -> None:
+        raise ValueError(MERGE_ERROR)

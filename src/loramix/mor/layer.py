@@ -108,6 +108,25 @@ class MoRLayer(BaseTunerLayer):
             self.scaling[adapter_name],
         )
 
+    def merge_refusal(self, adapter_names: list[str]) -> str | None:
+        """Why the adapters of ``adapter_names`` that this layer holds cannot be merged into it, or None."""
+        names = [name for name in adapter_names if name in self.mor_A and name not in self.merged_adapters]
+        routed = [name for name in names if not self.is_input_independent(name)]
+        if routed:
+            return (
+                f"Cannot merge MoR adapter(s) {routed}: the softmax router makes the update depend on each token "
+                "(ΔW(x) = Σ_i G_i(x)·...), so no single weight matrix reproduces it. Merging is exact only with "
+                "num_experts=1 or router='mean'. Use `unload()` to remove the adapter, or keep it unmerged."
+            )
+        weight = self.get_base_layer().weight
+        if names and not weight.dtype.is_floating_point:
+            return (
+                f"Cannot merge MoR into a quantized base layer ({type(self.get_base_layer()).__name__} with "
+                f"{weight.dtype} weights, e.g. bitsandbytes 4/8-bit): adding ΔW needs float weights. Load the base "
+                "model unquantized to merge, or keep the adapter unmerged."
+            )
+        return None
+
 
 class Linear(nn.Module, MoRLayer):
     """An ``nn.Linear`` with MoR adapters: ``o = W x + b + Σ_active Δo_adapter(x)``."""
@@ -119,24 +138,23 @@ class Linear(nn.Module, MoRLayer):
         self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add ``ΔW`` of input-independent adapters to the base weight (raises for routed ones)."""
+        """Add ``ΔW`` of input-independent adapters to the base weight; every adapter is checked (and, with
+        ``safe_merge``, the result too) before the weight changes, so a refusal merges none of them."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
+        names = [name for name in adapter_names if name in self.mor_A]
+        if not names:
             return
-        deltas = {name: self.get_delta_weight(name) for name in adapter_names if name in self.mor_A}
+        refusal = self.merge_refusal(names)
+        if refusal:
+            raise ValueError(refusal)
         weight = self.get_base_layer().weight
-        if deltas and not weight.dtype.is_floating_point:
-            raise ValueError(
-                f"Cannot merge MoR into a quantized base layer ({type(self.get_base_layer()).__name__} with "
-                f"{weight.dtype} weights, e.g. bitsandbytes 4/8-bit): adding ΔW needs float weights. Load the base "
-                "model unquantized to merge, or keep the adapter unmerged."
-            )
-        for name, delta in deltas.items():
-            merged = weight.data + delta.to(weight.dtype)
+        merged = weight.data
+        for name in names:
+            merged = merged + self.get_delta_weight(name).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            weight.data = merged
-            self.merged_adapters.append(name)
+        weight.data = merged
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract the merged adapters' ``ΔW`` again."""

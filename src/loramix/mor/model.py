@@ -16,9 +16,11 @@ class MoRModel(LoramixTunerMixin, BaseTuner):
 
     Use it through PEFT: ``get_peft_model(model, MoRConfig(...))``. When an active adapter has
     ``router_aux_loss_coef > 0``, every forward returns ``aux_loss`` (the Switch balance loss
-    averaged over the adapted layers) and, when ``labels`` are given in training mode, adds
-    ``router_aux_loss_coef * aux_loss`` to ``loss``; the layers record their router probabilities
-    into the forward's :class:`~loramix.routing.RoutingSession`, read by the hooks of the mixin.
+    averaged over the adapted layers) and, when ``labels`` are given, adds
+    ``router_aux_loss_coef * aux_loss`` to ``loss`` (``lm_loss`` keeps the loss without it); the layers
+    record their router probabilities into the forward's :class:`~loramix.routing.RoutingSession`, read
+    by the hooks of the mixin. Merging is refused, before any weight changes, if any adapter it would
+    merge has a learnable router, or a layer it adapts has a quantized base weight.
     """
 
     prefix: str = "mor_"
@@ -64,12 +66,17 @@ class MoRModel(LoramixTunerMixin, BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
-    def _check_merge_allowed(self) -> None:
-        super()._check_merge_allowed()
-        routed = [name for name in self.active_adapters if not self.peft_config[name].is_input_independent]
+    def _refuse_merge(self, adapter_names: list[str]) -> None:
+        """Checked for every adapter and layer before any weight changes (a partial merge is never left)."""
+        routed = [name for name in adapter_names if not self.peft_config[name].is_input_independent]
         if routed:
             raise ValueError(
                 f"Cannot merge MoR adapter(s) {routed}: a learnable per-token router makes the update depend on "
                 "each input, so no fixed weight reproduces it. Only num_experts=1 or router='mean' merge exactly. "
-                "Use `unload()` to get the base model back, or keep the adapter unmerged."
+                "Use `unload()` to get the base model back, or keep the adapter unmerged. Nothing was merged."
             )
+        for module in self.model.modules():
+            if isinstance(module, MoRLayer):
+                refusal = module.merge_refusal(adapter_names)
+                if refusal:
+                    raise ValueError(refusal)
