@@ -32,7 +32,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 import loramix  # noqa: E402
-import loramix.mor.layer as mor_layer  # noqa: E402
+import loramix.mor.functional as mor_functional  # noqa: E402
 from _common import (  # noqa: E402
     fmt_time,
     interleaved,
@@ -164,7 +164,7 @@ def bench_shape(d_in, d_out, tokens, iters, rounds, warmup, device, dtype, sync,
                     prm.grad = None
                 with kernels.backend(backend):
                     if loop:
-                        with patched(mor_layer, "mor_delta", mor_delta_loop):
+                        with patched(mor_functional, "mor_delta", mor_delta_loop):
                             out = layer(xi)
                     else:
                         out = layer(xi)

@@ -28,7 +28,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import loramix
-import loramix.mor.layer as mor_layer
+import loramix.mor.functional as mor_functional
 from _common import (
     cpu_peak_bytes,
     fmt_time,
@@ -117,7 +117,7 @@ def main() -> None:
             for param in layer.parameters():
                 param.grad = None
             if loop:
-                with patched(mor_layer, "mor_delta", mor_delta_loop):
+                with patched(mor_functional, "mor_delta", mor_delta_loop):
                     out = layer(xi)
             else:
                 out = layer(xi)

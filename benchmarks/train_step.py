@@ -25,7 +25,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import loramix
-import loramix.mor.layer as mor_layer
+import loramix.mor.functional as mor_functional
 from _common import (
     build_llama,
     cpu_peak_bytes,
@@ -58,7 +58,7 @@ class Contender:
 
     def step(self, batch: torch.Tensor) -> float:
         if self.loop:
-            with patched(mor_layer, "mor_delta", mor_delta_loop):
+            with patched(mor_functional, "mor_delta", mor_delta_loop):
                 loss = self.model(input_ids=batch, labels=batch).loss
                 loss.backward()
         else:
