@@ -230,3 +230,36 @@ def test_transformers_load_adapter_checks_the_weights_hash(adapter_dir):
     with pytest.raises(ValueError, match="adapter_model.safetensors does not belong"):
         model.load_adapter(str(adapter_dir))
     assert not getattr(model, "peft_config", {})
+
+
+def _peft_older_than_transformers_requires() -> str | None:
+    """transformers' minimum peft for its adapter methods, if the installed peft is older (else None)."""
+    import importlib.metadata
+    import re
+
+    from packaging.version import Version
+    from transformers.integrations import peft as transformers_peft
+
+    required = getattr(transformers_peft, "MIN_PEFT_VERSION", "0")
+    installed = re.sub(r"[^0-9.].*$", "", importlib.metadata.version("peft"))
+    return required if Version(installed) < Version(required) else None
+
+
+def test_transformers_adapter_methods_with_an_older_peft_fail_upstream_exactly(adapter_dir, input_ids):
+    """transformers >= 5.24 gates set_adapter & co. behind peft >= 0.22 for every PEFT method (README,
+    "Supported versions"); elsewhere they work on a loramix adapter. PeftModel.from_pretrained always works."""
+    model = tiny_llama()
+    model.load_adapter(str(adapter_dir))  # loads (and is checked strictly) on every supported version
+    required = _peft_older_than_transformers_requires()
+    if required is not None:
+        import re
+
+        with pytest.raises(ValueError, match=re.escape(f"please use a version >= {required}")):
+            model.active_adapters()
+        with pytest.raises(ValueError, match=re.escape(f"please use a version >= {required}")):
+            model.set_adapter("default")
+    else:
+        assert model.active_adapters() == ["default"]
+        model.set_adapter("default")
+    expected = PeftModel.from_pretrained(tiny_llama(), adapter_dir)(input_ids=input_ids).logits  # the way out
+    assert torch.equal(model(input_ids=input_ids).logits, expected)
