@@ -269,7 +269,10 @@ def test_load_adapter_into_a_model_in_use_that_fails_changes_nothing(bad_adapter
 
 def test_transformers_load_adapter_that_fails_leaves_the_base_as_it_was(bad_adapter, input_ids):
     method, directory, error = bad_adapter
-    error = {"another shape": "size mismatch|mismatched", "missing": "was not loaded"}.get(error, error)
+    # transformers 5 reports these itself after loading; 4.x goes through PEFT's load hook (loramix's check)
+    error = {"another shape": "size mismatch|mismatched|another shape", "missing": "(was not|nothing was) loaded"}.get(
+        error, error
+    )
     base = tiny_llama()
     before = whole_state(base, input_ids)
     with pytest.raises(Exception, match=error):

@@ -69,6 +69,8 @@ def enable_activation_checkpointing(model, use_reentrant: bool, **kwargs) -> Non
     :data:`CHECKPOINTING_EVERY_N_LAYERS`).
     """
     options = {"use_reentrant": use_reentrant}
+    if use_reentrant:  # reentrant checkpointing needs inputs that require grad (frozen embeddings give none)
+        model.enable_input_require_grads()
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
     else:
