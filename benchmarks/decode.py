@@ -27,6 +27,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -40,6 +41,7 @@ from _common import (
     machine_info,
     mib,
     parser,
+    patched,
     print_header,
     smollm2_state,
     summarise,
@@ -72,14 +74,14 @@ class Contender:
         self._generate = generate or model.generate
         self.decode_s: list[float] = []
         self.routings = 0
-        if reroute_on is not None:  # the ablation: MiLoRA must not reuse the routing of its prompt
+        self.reroute = reroute_on is not None
+        if self.reroute:  # the ablation: MiLoRA must not reuse the routing of its prompt (loramix.routing internals)
             from loramix import routing as routing_module
 
             def forget_routing(module, args, kwargs):
                 generation = routing_module._GENERATION.get()
                 if generation is not None:
                     generation.pop("routing", None)
-                routing_module._CACHE_ROUTING.clear()
                 return None
 
             reroute_on.register_forward_pre_hook(forget_routing, with_kwargs=True, prepend=True)
@@ -93,7 +95,11 @@ class Contender:
     def generate(self, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
         clock = StepClock()
         routed0 = self.context["routed"] if self.context is not None else 0
-        with torch.inference_mode():
+        from loramix import routing as routing_module
+
+        # the ablation also makes every step look like a forward without a cache, so that it routes afresh
+        no_cache = patched(routing_module, "_cache_length", lambda cache: 0) if self.reroute else nullcontext()
+        with torch.inference_mode(), no_cache:
             out = self._generate(
                 input_ids=prompt,
                 attention_mask=torch.ones_like(prompt),
