@@ -2,8 +2,9 @@
 
 Ported, in this project's words, from the parts of PEFT's ``tests/testing_common.py``
 (``PeftCommonTester``, Apache-2.0, (c) the HuggingFace team) that apply to routed mixtures. What does
-not apply, and why, is listed in the README ("Guarantees"): merging a routed mixture, mixed-adapter
-batches (``adapter_names``), ``add_weighted_adapter``, and prompt-learning-only checks.
+not apply, and why, is listed in the README ("Guarantees"): merging a routed mixture,
+``add_weighted_adapter``, and prompt-learning-only checks. Mixed-adapter batches (``adapter_names``) have
+their own file, ``tests/test_mixed_batch.py``.
 """
 
 from __future__ import annotations
@@ -195,14 +196,6 @@ def test_modules_to_save(method, tmp_path, input_ids):
     model.eval().save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     assert torch.equal(out(loaded, input_ids), out(model, input_ids))
-
-
-def test_mixed_adapter_batches_are_refused(method, input_ids):
-    model = make(method).eval()
-    with pytest.raises(ValueError, match="adapter_names"):
-        model(input_ids=input_ids, adapter_names=["default", "default"])
-    with pytest.raises(ValueError, match="adapter_names"):
-        model.generate(input_ids=input_ids, adapter_names=["default", "default"], max_new_tokens=2)
 
 
 def test_add_weighted_adapter_is_not_offered(method):

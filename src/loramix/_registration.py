@@ -301,3 +301,18 @@ __all__ = [
     "_maybe_include_all_linear_layers",
     "register",
 ]
+
+
+def auxiliary_row_adapters(module, names) -> list[str]:
+    """The ``adapter_names`` to give one of PEFT's ``modules_to_save`` / trainable-token wrappers
+    (``AuxiliaryTrainingWrapper``, ``peft/utils/other.py``) in a mixed-adapter batch.
+
+    Its ``_mixed_batch_forward`` raises ``KeyError`` for an adapter it does not hold, while a forward with
+    that adapter set alone passes through to the original module (``forward`` checks the private
+    ``_adapters`` set). Naming those rows ``"__base__"`` gives them what they get alone.
+    """
+    held = getattr(module, "_adapters", None)
+    if held is None:  # a PEFT version without the set: leave the names to PEFT
+        return list(names)
+    return [name if name in held else "__base__" for name in names]
+

@@ -6,25 +6,43 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
+from torch import nn
+
 from ._loading import check_adapter_state_dict
+from ._registration import auxiliary_row_adapters
 from ._outputs import ignore_router_outputs_at_inference, restore_keys_to_ignore_at_inference
 from ._undo import ModelState
-from .routing import generation_routing, install_session_hooks, remove_session_hooks
+from .mixed_batch import adapters_per_row, check_adapter_names, generation_expansions
+from .routing import current_session, generation_routing, install_session_hooks, remove_session_hooks
 
 
-def reject_mixed_adapter_batches(kwargs: dict[str, Any]) -> None:
-    """PEFT's ``adapter_names=[...]`` (a different adapter per row) is LoRA-only; PeftModel strips the
-    argument before the model sees it, so without this check it would be silently ignored."""
-    if kwargs.get("adapter_names") is not None:
-        raise ValueError(
-            "`adapter_names` (mixed-adapter batches) is not supported by loramix methods: each row would silently "
-            "use the active adapter. Run one adapter per batch with `set_adapter`."
-        )
+def _auxiliary_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """PEFT's ``modules_to_save`` / trainable-token wrappers take the row adapters as ``adapter_names``."""
+    session = current_session()
+    if session is not None and session.rows is not None:
+        kwargs["adapter_names"] = auxiliary_row_adapters(module, session.rows.names)
+    return args, kwargs
+
+
+@contextmanager
+def _auxiliary_modules_per_row(model: nn.Module) -> Iterator[None]:
+    handles = [
+        module.register_forward_pre_hook(_auxiliary_pre_hook, with_kwargs=True)
+        for module in model.modules()
+        if isinstance(module, AuxiliaryTrainingWrapper)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class LoramixTunerMixin:
-    """Routing sessions on the adapted model (:mod:`loramix.routing`), strict adapter loading, refusal of
-    unsupported PEFT forward arguments, and refusals that change nothing.
+    """Routing sessions on the adapted model (:mod:`loramix.routing`), strict adapter loading, mixed-adapter
+    batches (:mod:`loramix.mixed_batch`), and refusals that change nothing.
 
     Every refusal is decided before anything changes: merging checks all the adapters it would merge
     (:meth:`_check_merge`), ``set_adapter`` all the names, and adding an adapter that fails part-way puts
@@ -105,7 +123,18 @@ class LoramixTunerMixin:
         ``generate`` routes once, on the prompt, with the KV cache on or off, greedy, sampling, beam search
         (transformers repeats each prompt for its beams before the first step, so beams share its routing)
         and ``num_return_sequences``; a plain forward is one forward.
+
+        ``adapter_names=[...]`` (PEFT's mixed-adapter batches, :mod:`loramix.mixed_batch`): checked here with
+        PEFT's rules, then every forward of the call computes each row with its own adapter (beams and returned
+        sequences of a prompt keep its adapter and routing).
         """
-        reject_mixed_adapter_batches(kwargs)
-        with generation_routing():
+        names = kwargs.get("adapter_names")
+        if names is None:
+            with generation_routing():
+                yield
+            return
+        merged = [n for m in self.model.modules() if isinstance(m, BaseTunerLayer) for n in m.merged_adapters]
+        names = check_adapter_names(names, list(self.peft_config), self.training, merged)
+        expansions = generation_expansions(kwargs, getattr(self.model, "generation_config", None))
+        with generation_routing(), adapters_per_row(names, expansions), _auxiliary_modules_per_row(self.model):
             yield

@@ -24,6 +24,11 @@ MiLoRA routes once per prompt. Its routing is reused (the routers do not run) wh
   earlier routed forward returned: the routing is looked up by the cache object.
 
 A forward that continues a non-empty cache whose routing is unknown raises; it never re-routes.
+
+In a mixed-adapter batch (``adapter_names=[...]``, :mod:`loramix.mixed_batch`) the session also holds
+the adapter of each row (:attr:`RoutingSession.rows`), and :func:`adapter_rows` tells each layer which
+adapters to apply to which rows. A cache keeps the row adapters it was computed with; continuing it
+with others raises.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import contextvars
 import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -43,13 +48,16 @@ from transformers import Cache
 
 from ._outputs import with_output_fields
 from .balance import balance_losses
+from .mixed_batch import AdapterRows, requested, rows_for_batch
 
-__all__ = ["RouterRecord", "RoutingSession", "capture_routing", "current_session", "subscribe"]
+__all__ = ["RouterRecord", "RoutingSession", "adapter_rows", "capture_routing", "current_session", "subscribe"]
 
 _SESSION: contextvars.ContextVar[RoutingSession | None] = contextvars.ContextVar("loramix_session", default=None)
 _GENERATION: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loramix_generation", default=None)
 # KV cache object -> the routing of the prompt it holds, {(router, adapter): state}; gone with the cache.
 _CACHE_ROUTING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# KV cache object -> the adapter of each row it was computed with (None: the active adapters on every row)
+_CACHE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # adapted model -> callbacks that receive (records, outputs) at the end of each of its forwards
 _SUBSCRIBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _UNSET = object()
@@ -62,7 +70,8 @@ class RouterRecord:
 
     ``probs`` (..., N) float32: ``(B, T, N)`` per token (MoR) or ``(B, N)`` per prompt (MiLoRA);
     ``mask`` marks the rows that count (MoR: attended tokens); ``logits`` and ``selected`` (top-k)
-    are set by MiLoRA; ``layer`` is the module that routed.
+    are set by MiLoRA; ``layer`` is the module that routed. In a mixed-adapter batch ``rows`` are the
+    batch rows of ``adapter`` that the record covers (its first dimension); ``None`` means all rows.
     """
 
     layer: nn.Module
@@ -71,6 +80,7 @@ class RouterRecord:
     mask: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     selected: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 def build_pool_mask(attention_mask, labels, prompt_mask, length: int | None):
@@ -117,7 +127,9 @@ class RoutingSession:
     delivered when reentrant activation checkpointing re-runs a layer (:mod:`loramix.balance`).
     """
 
-    def __init__(self, inputs: dict[str, Any], reuse: dict | None, continues_cache: bool) -> None:
+    def __init__(
+        self, inputs: dict[str, Any], reuse: dict | None, continues_cache: bool, rows: AdapterRows | None = None
+    ) -> None:
         tokens = inputs.get("input_ids")
         if not isinstance(tokens, torch.Tensor):
             tokens = inputs.get("inputs_embeds")
@@ -133,6 +145,7 @@ class RoutingSession:
         self.token_mask = attention[:, -self.shape[1] :] if self._fits(attention) else None
         self.reuse = reuse
         self.continues_cache = continues_cache
+        self.rows = rows  # the adapter of each row in a mixed-adapter batch, else None
         self.decisions: dict[tuple[nn.Module, str], Any] = {}
         self.block: dict[str, Any] = {}
         self.records: list[RouterRecord] = []
@@ -160,6 +173,20 @@ class RoutingSession:
         """Keep ``record`` for the post-hook; a re-run during backward (checkpointing) records nothing."""
         if not self.closed:
             self.records.append(record)
+
+
+def adapter_rows(
+    session: RoutingSession | None, active: Iterable[str], held: Container[str], x: torch.Tensor
+) -> list[tuple[str, torch.Tensor | None]]:
+    """The adapters a layer holding ``held`` applies to its input ``x`` (batch first), with their rows.
+
+    Normally the active adapters, each on every row (rows ``None``). In a mixed-adapter batch, each adapter
+    of the batch on its own rows (a long tensor on ``x``'s device); raises if ``x`` is not that batch.
+    """
+    if session is None or session.rows is None:
+        return [(name, None) for name in active if name in held]
+    session.rows.check_batch(x.shape[0], "a loramix layer")
+    return [(name, rows) for name, rows in session.rows.groups(x.device).items() if name in held]
 
 
 def current_session() -> RoutingSession | None:
@@ -201,15 +228,49 @@ def session_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
             f"loramix: `{legacy[0]}` is a legacy tuple KV cache, whose routing cannot be matched; pass the "
             "transformers Cache object the model returned."
         )
+    rows = _rows_of(inputs, generation)
     if generation is not None and "routing" in generation:
         reuse, continues = generation["routing"], True
     elif _cache_length(cache) > 0:
         reuse, continues = _CACHE_ROUTING.get(cache), True
+        _check_cache_rows(cache, rows)
     else:
         reuse, continues = None, False
-    session = RoutingSession(inputs, reuse, continues)
+    session = RoutingSession(inputs, reuse, continues, rows)
     session._token = _SESSION.set(session)
     return args, kwargs
+
+
+def _rows_of(inputs: dict[str, Any], generation: dict | None) -> AdapterRows | None:
+    """The row adapters of this forward: those of the call's first forward (one ``generate``), else built now."""
+    request = requested()
+    if request is None:
+        return None
+    tokens = inputs.get("input_ids")
+    tokens = tokens if isinstance(tokens, torch.Tensor) else inputs.get("inputs_embeds")
+    tokens = tokens if isinstance(tokens, torch.Tensor) else None
+    rows = None if generation is None else generation.get("rows")
+    if rows is None:
+        rows = rows_for_batch(request, tokens, inputs.get("attention_mask"))
+        if generation is not None:
+            generation["rows"] = rows
+    if tokens is not None:
+        rows.check_batch(tokens.shape[0], "this forward")
+    return rows
+
+
+def _check_cache_rows(cache: Any, rows: AdapterRows | None) -> None:
+    """Continuing a cache with other row adapters than it was computed with would mix them up: raise."""
+    known = _CACHE_ROWS.get(cache, _UNSET)
+    current = None if rows is None else rows.names
+    if known is not _UNSET and known != current:
+        raise RuntimeError(
+            "loramix: this forward continues a KV cache computed with "
+            + ("the active adapter(s) on every row" if known is None else f"adapter_names={list(known)}")
+            + ", but is called with "
+            + ("the active adapter(s) on every row" if current is None else f"adapter_names={list(current)}")
+            + ". Pass the same `adapter_names` as the forward that filled the cache."
+        )
 
 
 def session_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
@@ -222,11 +283,12 @@ def session_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any)
     if output is None:  # the forward raised (the hook runs anyway, to close the session)
         return None
     generation = _GENERATION.get()
-    if session.decisions:
+    if not session.continues_cache:  # a routed forward: later ones continuing its cache reuse what it decided
         cache = _find_cache(output.values() if isinstance(output, dict) else output)
         if cache is not None:
             _CACHE_ROUTING[cache] = session.decisions
-        if generation is not None and "routing" not in generation:
+            _CACHE_ROWS[cache] = None if session.rows is None else session.rows.names
+        if generation is not None and "routing" not in generation and (session.decisions or session.rows):
             generation["routing"] = session.decisions
     if not session.records:
         return None

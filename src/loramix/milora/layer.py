@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..balance import attach_pending
-from ..routing import RouterRecord, RoutingSession, current_session
+from ..routing import RouterRecord, RoutingSession, adapter_rows, current_session
 from . import functional as F_milora
 from .config import MiLoRAConfig
 
@@ -27,26 +27,34 @@ from .config import MiLoRAConfig
 class RoutingState:
     """One router's decision for one adapter and one batch of prompts (MiLoRA paper Eq. 3).
 
-    ``logits``/``probs``/``gates`` are ``(B, N)`` float32, ``selected`` ``(B, N)`` bool. :meth:`plan`
-    tells expert ``i`` which rows it runs on; it costs one device-to-host copy per state (per block
-    per prompt), never one per decoding step.
+    ``logits``/``probs``/``gates`` are ``(S, N)`` float32, ``selected`` ``(S, N)`` bool, for the ``S``
+    prompts routed: the whole batch, or in a mixed-adapter batch the batch rows ``rows`` of this adapter
+    (:meth:`place`). :meth:`plan` tells expert ``i`` which batch rows it runs on; it costs one
+    device-to-host copy per state (per block per prompt), never one per decoding step.
     """
 
-    __slots__ = ("logits", "probs", "gates", "selected", "_plans", "_selected_host", "_factors")
+    __slots__ = (
+        "logits", "probs", "gates", "selected", "rows", "row_key", "batch_size", "_plans", "_selected_host", "_factors"
+    )  # fmt: skip
 
     def __init__(self, logits, probs, gates, selected) -> None:
         self.logits, self.probs, self.gates, self.selected = logits, probs, gates, selected
+        self.rows: torch.Tensor | None = None  # the batch rows routed (None: all)
+        self.row_key: tuple[int, ...] | None = None  # the same on the host
+        self.batch_size = gates.shape[0]  # rows of the batch the state belongs to
         self._plans: dict[int, tuple[torch.Tensor | None, torch.Tensor] | None] = {}
         self._selected_host: torch.Tensor | None = None
         self._factors: dict[tuple, torch.Tensor] = {}
 
-    @property
-    def batch_size(self) -> int:
-        return self.gates.shape[0]
+    def place(self, rows: torch.Tensor, row_key: tuple[int, ...], batch_size: int) -> RoutingState:
+        """Mark the routed prompts as the rows ``rows`` (``row_key`` on the host) of a batch of ``batch_size``."""
+        self.rows, self.row_key, self.batch_size = rows, row_key, batch_size
+        return self
 
     def plan(self, expert: int) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """``None`` if no row selected the expert, else ``(rows, gate)``: ``rows`` is ``None`` when every
-        row selected it, else the indices of those that did; ``gate`` their router weights (with grad)."""
+        row of the batch selected it, else the batch indices of those that did; ``gate`` their router
+        weights (with grad)."""
         if expert not in self._plans:
             if self._selected_host is None:
                 self._selected_host = self.selected.cpu()
@@ -54,10 +62,12 @@ class RoutingState:
             if not bool(column.any()):
                 plan = None
             elif bool(column.all()):
-                plan = (None, self.gates[:, expert])
+                plan = (self.rows, self.gates[:, expert])
             else:
-                rows = column.nonzero().flatten().to(self.gates.device)
-                plan = (rows, self.gates.index_select(0, rows)[:, expert])
+                local = column.nonzero().flatten()
+                rows = local if self.row_key is None else torch.tensor(self.row_key)[local]
+                gate = self.gates.index_select(0, local.to(self.gates.device))[:, expert]
+                plan = (rows.to(self.gates.device), gate)
             self._plans[expert] = plan
         return self._plans[expert]
 
@@ -202,32 +212,43 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
         if self.disable_adapters:
             return result
         session = current_session()
-        for name in (n for n in self.active_adapters if n in self.milora_router):
-            state = self._routing(session, name, result if self.router_input[name] == "normalized" else x)
+        for name, rows in adapter_rows(session, self.active_adapters, self.milora_router, x):
+            state = self._routing(session, name, result if self.router_input[name] == "normalized" else x, rows)
             session.block[name] = state  # for the block's experts, which run next
             result = attach_pending(session, self, name, state.probs, result)
         return result
 
-    def _routing(self, session: RoutingSession | None, name: str, hidden: torch.Tensor) -> RoutingState:
-        """Route ``hidden`` for adapter ``name``, or take the routing the session reuses (decoding steps)."""
+    def _routing(
+        self, session: RoutingSession | None, name: str, hidden: torch.Tensor, rows: torch.Tensor | None
+    ) -> RoutingState:
+        """Route adapter ``name`` on the prompts of ``hidden`` (only the batch rows ``rows`` in a mixed-adapter
+        batch), or take the routing the session reuses (decoding steps)."""
         if session is None:
             raise RuntimeError(
                 "MiLoRA routers run inside a forward of the adapted model, which tells them the prompt tokens; "
                 "call the model (or its PeftModel), not a block or layer alone."
             )
+        row_key = None if rows is None else session.rows.host[name]
         if session.continues_cache:
             state = (session.reuse or {}).get((self, name))
-            if state is None or state.batch_size != hidden.shape[0]:
+            if state is None or state.batch_size != hidden.shape[0] or state.row_key != row_key:
                 raise RuntimeError(
                     f"MiLoRA: this forward continues a KV cache, but no routing of adapter '{name}' matches it (the "
                     "cache was not produced by a routed forward of this model and adapter, or the adapter was set, "
-                    "enabled or added since, or the batch changed). Run the prompt again without a cache."
+                    "enabled or added since, or the batch or its `adapter_names` changed). Run the prompt again "
+                    "without a cache."
                 )
             return state
-        state = self.route(name, hidden, session.pool_mask(hidden))
+        pool = session.pool_mask(hidden)
+        if rows is None:
+            state = self.route(name, hidden, pool)
+        else:
+            pool = None if pool is None else pool.index_select(0, rows)
+            state = self.route(name, hidden.index_select(0, rows), pool).place(rows, row_key, hidden.shape[0])
         if not session.closed:  # not a re-run by activation checkpointing
             session.decisions[(self, name)] = state
-            session.record(RouterRecord(self, name, state.probs, logits=state.logits, selected=state.selected))
+            record = RouterRecord(self, name, state.probs, logits=state.logits, selected=state.selected, rows=rows)
+            session.record(record)
         return state
 
     def __repr__(self) -> str:
@@ -365,7 +386,7 @@ class Linear(nn.Module, MiLoRATunerLayer):
         if self.disable_adapters:
             return result
         session = current_session()
-        for name in (n for n in self.active_adapters if n in self.milora_A):
+        for name, _ in adapter_rows(session, self.active_adapters, self.milora_A, x):  # the routing knows the rows
             result = self._add_update(name, x, result, self._block_routing(session, name, x))
         return result
 

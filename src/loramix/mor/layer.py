@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..balance import attach_pending
-from ..routing import RouterRecord, current_session
+from ..routing import RouterRecord, adapter_rows, current_session
 from .config import MoRConfig
 from .functional import MoRDropout, mor_delta_weight, mor_linear
 
@@ -175,15 +175,24 @@ class Linear(nn.Module, MoRLayer):
         if self.disable_adapters or self.merged:
             return result
         session = current_session()
-        for name in (n for n in self.active_adapters if n in self.mor_A):
-            router = self.mor_router[name] if name in self.mor_router else None
-            x_in = self._cast_input_dtype(x, self.mor_A[name].dtype)
-            params = (self.mor_A[name], self.mor_B[name], self.mor_omega_A[name], self.mor_omega_B[name], router)
-            result, probs = mor_linear(x_in, result, *params, self.scaling[name], self.mor_dropout[name])
-            if session is not None and router is not None:
-                session.record(RouterRecord(self, name, probs, mask=session.token_mask))
-                result = attach_pending(session, self, name, probs, result)
+        for name, rows in adapter_rows(session, self.active_adapters, self.mor_A, x):
+            result = self._add_update(session, name, x, result, rows)
         return result
+
+    def _add_update(self, session, name: str, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s update on the batch rows ``rows`` (``None``: all rows; a mixed-adapter
+        batch: one gather and one scatter for the adapter's rows)."""
+        router = self.mor_router[name] if name in self.mor_router else None
+        x_in = self._cast_input_dtype(x if rows is None else x.index_select(0, rows), self.mor_A[name].dtype)
+        residual = result if rows is None else result.index_select(0, rows)
+        params = (self.mor_A[name], self.mor_B[name], self.mor_omega_A[name], self.mor_omega_B[name], router)
+        out, probs = mor_linear(x_in, residual, *params, self.scaling[name], self.mor_dropout[name])
+        if session is not None and router is not None:
+            mask = session.token_mask
+            mask = mask if mask is None or rows is None else mask.index_select(0, rows.to(mask.device))
+            session.record(RouterRecord(self, name, probs, mask=mask, rows=rows))
+            out = attach_pending(session, self, name, probs, out)
+        return out if rows is None else result.index_copy(0, rows, out.to(result.dtype))
 
     def __repr__(self) -> str:
         return "mor." + super().__repr__()

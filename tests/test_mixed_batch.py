@@ -1,0 +1,259 @@
+"""Mixed-adapter batches (``adapter_names=[...]``, ``loramix.mixed_batch``): every row equals that row run alone.
+
+The reference for a row is always the row run by itself (no padding, no other rows) with
+``set_adapter(name)``, or with the adapter disabled for ``"__base__"``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from loramix import MiLoRAConfig, MoRConfig
+from loramix.milora import layer as milora_layer
+from loramix.routing import capture_routing
+from tests.milora.common import CACHE, experts, left_pad, random_tokens, right_pad, wide_llama
+
+ATOL = 1e-5
+LENGTHS = (6, 9, 4, 7, 5)
+NAMES = ["a", "b", "__base__", "b", "c"]
+
+
+def configs(method: str) -> dict:
+    """Three adapters of one method with different ranks, expert counts, top-k and target modules."""
+    common = {"init_weights": False, "lora_dropout": 0.0, "task_type": "CAUSAL_LM"}
+    if method == "mor":
+        return {
+            "a": MoRConfig(r=4, num_experts=2, **common),
+            "b": MoRConfig(r=8, num_experts=4, target_modules=["down_proj", "q_proj"], **common),
+            "c": MoRConfig(r=2, num_experts=3, target_modules=["up_proj"], layers_to_transform=[1], **common),
+        }
+    return {
+        "a": MiLoRAConfig(r=4, top_k=2, **common),
+        "b": MiLoRAConfig(r=8, top_k=1, target_modules=["q_proj", "v_proj", "up_proj"], **common),
+        "c": MiLoRAConfig(r=2, top_k=3, pooler="mean", activation="gelu", layers_to_transform=[0], **common),
+    }
+
+
+def tenants(tmp_path, method: str, **extra) -> PeftModel:
+    """Adapters trained apart (saved separately), loaded side by side as a server would."""
+    for seed, (name, config) in enumerate(configs(method).items()):
+        for key, value in extra.get(name, {}).items():
+            setattr(config, key, value)
+        torch.manual_seed(seed)
+        get_peft_model(wide_llama(0), config).save_pretrained(tmp_path / name)
+    model = PeftModel.from_pretrained(wide_llama(0), tmp_path / "a", adapter_name="a")
+    for name in ("b", "c"):
+        model.load_adapter(tmp_path / name, adapter_name=name)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["mor", "milora"])
+def method(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(method, tmp_path_factory):
+    return tenants(tmp_path_factory.mktemp(method), method)
+
+
+def prompts(seed: int = 0) -> list[torch.Tensor]:
+    return [random_tokens(n, seed + i) for i, n in enumerate(LENGTHS)]
+
+
+def alone(model, name: str, fn):
+    """``fn()`` with only ``name`` (or the base model for ``"__base__"``) applied."""
+    if name == "__base__":
+        with model.disable_adapter():
+            return fn()
+    model.set_adapter(name)
+    try:
+        return fn()
+    finally:
+        model.set_adapter("a")
+
+
+@torch.no_grad()
+def test_forward_rows_equal_each_row_alone(model):
+    sequences = prompts()
+    ids, mask = right_pad(sequences)
+    mixed = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    assert model.active_adapters == ["a"]  # the call changed nothing
+    for i, (name, sequence) in enumerate(zip(NAMES, sequences, strict=True)):
+        reference = alone(model, name, lambda s=sequence: model(input_ids=s[None]).logits[0])
+        torch.testing.assert_close(mixed[i, : len(sequence)], reference, rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_rows_differ_between_adapters(model):
+    """The reference is not trivially met: the adapters change the output, and differently."""
+    ids = random_tokens(6)[None]
+    outputs = {name: alone(model, name, lambda: model(input_ids=ids).logits) for name in ("a", "b", "c", "__base__")}
+    values = list(outputs.values())
+    assert all((x - y).abs().max() > 1e-3 for i, x in enumerate(values) for y in values[i + 1 :])
+
+
+def generate_alone(model, name, sequence, **kwargs):
+    run = lambda: model.generate(input_ids=sequence[None], attention_mask=torch.ones_like(sequence)[None], **kwargs)  # noqa: E731
+    return alone(model, name, run)
+
+
+@torch.no_grad()
+def test_greedy_generate_left_padded_equals_each_row_alone(model):
+    sequences = prompts(10)
+    ids, mask = left_pad(sequences)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
+    mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, **kwargs)
+    for i, (name, sequence) in enumerate(zip(NAMES, sequences, strict=True)):
+        reference = generate_alone(model, name, sequence, **kwargs)
+        assert mixed.sequences[i, ids.shape[1] :].tolist() == reference.sequences[0, len(sequence) :].tolist()
+        for step, logits in enumerate(reference.logits):
+            torch.testing.assert_close(mixed.logits[step][i], logits[0], rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_beam_search_keeps_each_rows_adapter(model):
+    sequences = prompts(20)
+    ids, mask = left_pad(sequences)
+    kwargs = {"max_new_tokens": 5, "num_beams": 3, "num_return_sequences": 2, "do_sample": False}
+    mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, **kwargs)
+    assert mixed.shape[0] == 2 * len(NAMES)
+    for i, (name, sequence) in enumerate(zip(NAMES, sequences, strict=True)):
+        reference = generate_alone(model, name, sequence, **kwargs)
+        assert mixed[2 * i : 2 * i + 2, ids.shape[1] :].tolist() == reference[:, len(sequence) :].tolist()
+
+
+@torch.no_grad()
+def test_sampling_with_returned_sequences_keeps_each_rows_adapter(model):
+    """Sampling with top_k=1 is deterministic, so each of a row's returned sequences must be its greedy one."""
+    sequences = prompts(30)
+    ids, mask = left_pad(sequences)
+    kwargs = {"max_new_tokens": 5, "do_sample": True, "top_k": 1, "num_return_sequences": 3}
+    mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, **kwargs)
+    for i, (name, sequence) in enumerate(zip(NAMES, sequences, strict=True)):
+        reference = generate_alone(model, name, sequence, max_new_tokens=5, do_sample=False)
+        for j in range(3):
+            assert mixed[3 * i + j, ids.shape[1] :].tolist() == reference[0, len(sequence) :].tolist()
+
+
+@torch.no_grad()
+def test_cache_continuation_needs_the_same_adapter_names(model):
+    ids, mask = left_pad(prompts(40))
+    first = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES, use_cache=True)
+    step = {"input_ids": first.logits[:, -1:].argmax(-1), "attention_mask": torch.cat([mask, mask[:, :1] * 0 + 1], 1)}
+    cache = getattr(first, CACHE)
+    shuffled = NAMES[1:] + NAMES[:1]
+    with pytest.raises(RuntimeError, match="adapter_names"):
+        model(**step, **{CACHE: cache}, adapter_names=shuffled)
+    with pytest.raises(RuntimeError, match="adapter_names"):
+        model(**step, **{CACHE: cache})  # the active adapter on every row
+    model(**step, **{CACHE: cache}, adapter_names=NAMES)  # the same names continue it
+
+
+def test_refusals(model, method, tmp_path):
+    ids = random_tokens(5)[None].expand(3, -1)
+    with pytest.raises(ValueError, match="training mode"):
+        model.train()
+        try:
+            model(input_ids=ids, adapter_names=["a", "b", "a"])
+        finally:
+            model.eval()
+    with pytest.raises(ValueError, match="non-existing adapter.*typo"):
+        model(input_ids=ids, adapter_names=["a", "typo", "a"])
+    with pytest.raises(ValueError, match="Length of `adapter_names`.* 2 and 3"):
+        model(input_ids=ids, adapter_names=["a", "b"])
+    with pytest.raises(ValueError, match="Length of `adapter_names`.* 2 and 3"):
+        model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=2)
+    with pytest.raises(TypeError, match="list of adapter names"):
+        model(input_ids=ids, adapter_names="a")
+    with pytest.raises(ValueError, match="empty"):
+        model(input_ids=ids, adapter_names=[])
+    if method == "mor":  # MiLoRA never merges (tests/test_refusals.py)
+        merged = get_peft_model(wide_llama(0), MoRConfig(num_experts=1, init_weights=False, task_type="CAUSAL_LM"))
+        merged.eval().merge_adapter()
+        with pytest.raises(ValueError, match="merged adapters"):
+            merged(input_ids=ids, adapter_names=["default"] * 3)
+
+
+def test_beam_expansion_checks_that_rows_are_copies(model):
+    """generate repeats each prompt for its beams; a forward whose rows are not such copies cannot be matched."""
+    from loramix.mixed_batch import Requested, rows_for_batch
+
+    ids = torch.stack([random_tokens(4, 1), random_tokens(4, 2), random_tokens(4, 3), random_tokens(4, 4)])
+    with pytest.raises(ValueError, match="copies"):
+        rows_for_batch(Requested(("a", "b"), frozenset({1, 2})), ids, None)
+    rows = rows_for_batch(Requested(("a", "b"), frozenset({1, 2})), ids[[0, 0, 1, 1]], None)
+    assert rows.names == ("a", "a", "b", "b")
+
+
+@torch.no_grad()
+def test_milora_rows_are_routed_by_their_own_adapter_once_per_prompt(tmp_path):
+    model = tenants(tmp_path, "milora")
+    sequences = prompts(50)
+    ids, mask = left_pad(sequences)
+    with capture_routing(model) as records:
+        model.generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, max_new_tokens=4, do_sample=False)
+    routed = {(r.layer, r.adapter): r for r in records}
+    assert len(routed) == len(records)  # each router of each adapter ran once: on the prompt, not per token
+    for (router, adapter), record in routed.items():
+        rows = [i for i, n in enumerate(NAMES) if n == adapter]
+        assert record.rows.tolist() == rows
+        for row_index, row in enumerate(rows):
+            sequence = sequences[row]
+            with capture_routing(model) as own:
+                alone(model, adapter, lambda s=sequence: model(input_ids=s[None]))
+            reference = next(r for r in own if r.layer is router)
+            assert torch.equal(record.selected[row_index], reference.selected[0])
+            torch.testing.assert_close(record.probs[row_index], reference.probs[0], rtol=0, atol=1e-6)
+    per_adapter = {a for _, a in routed}
+    assert per_adapter == {"a", "b", "c"}
+
+
+@torch.no_grad()
+def test_milora_expert_runs_only_over_rows_that_selected_it(tmp_path, monkeypatch):
+    model = tenants(tmp_path, "milora")
+    calls = []
+    original = milora_layer.F_milora.gated_lora
+
+    def spy(x, out, lora_A, lora_B, rows, factor, dropout=None):
+        calls.append((lora_A, None if rows is None else rows.tolist()))
+        return original(x, out, lora_A, lora_B, rows, factor, dropout)
+
+    monkeypatch.setattr(milora_layer.F_milora, "gated_lora", spy)
+    ids, mask = right_pad(prompts(60))
+    with capture_routing(model) as records:
+        model(input_ids=ids, attention_mask=mask, adapter_names=NAMES)
+    names = {module: name for name, module in model.named_modules()}
+    expected = {}  # (adapter, expert module name) -> batch rows whose routing selected it
+    for record in records:
+        block = names[record.layer].rsplit(".", 1)[0]
+        for index, expert in enumerate(record.layer.expert_names[record.adapter]):
+            rows = [int(r) for r, s in zip(record.rows, record.selected[:, index], strict=True) if s]
+            if rows:
+                expected[(record.adapter, f"{block}.{expert}")] = rows
+    owner = {id(m.milora_A[a]): (a, n) for n, m in experts(model).items() for a in m.milora_A}
+    seen = {owner[id(lora_A)]: rows for lora_A, rows in calls}
+    assert seen == expected  # each expert on exactly its selecting rows; one no row selected does not run
+    assert len(calls) == len(seen)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["mor", "milora"])
+def test_modules_to_save_and_dora_follow_each_row(tmp_path, method):
+    """A trained lm_head (modules_to_save) per adapter, and MiDoRA experts, are per row too (PEFT's LoRA
+    refuses DoRA in mixed batches)."""
+    extra = {"a": {"modules_to_save": ["lm_head"]}, "b": {"modules_to_save": ["lm_head"]}}
+    if method == "milora":
+        extra["c"] = {"use_dora": True}
+    model = tenants(tmp_path, method, **extra)
+    for name in ("a", "b"):
+        with torch.no_grad():
+            model.base_model.model.lm_head.modules_to_save[name].weight.add_(0.1 * torch.randn(128, 32))
+    sequences = prompts(70)
+    ids, mask = right_pad(sequences)
+    mixed = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    for i, (name, sequence) in enumerate(zip(NAMES, sequences, strict=True)):
+        reference = alone(model, name, lambda s=sequence: model(input_ids=s[None]).logits[0])
+        torch.testing.assert_close(mixed[i, : len(sequence)], reference, rtol=0, atol=ATOL)
