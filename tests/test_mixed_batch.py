@@ -212,30 +212,52 @@ def test_milora_rows_are_routed_by_their_own_adapter_once_per_prompt(tmp_path):
 
 
 @torch.no_grad()
-def test_milora_expert_runs_only_over_rows_that_selected_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("used", [("a", "b", "c"), ("b",)], ids=["three adapters", "one adapter"])
+def test_milora_expert_runs_only_over_rows_that_selected_it(tmp_path, monkeypatch, used):
+    """Every expert computes exactly the rows whose own adapter selected it, with that row's router weight:
+    per adapter (``gated_lora``) or, with several adapters in the batch, in one grouped call (``grouped_lora``)."""
     model = tenants(tmp_path, "milora")
-    calls = []
-    original = milora_layer.F_milora.gated_lora
+    names = [used[i % len(used)] if i != 2 else "__base__" for i in range(len(NAMES))]
+    calls = []  # (adapter, lora_A, rows, factor) per expert computed
+    gated, grouped = milora_layer.F_milora.gated_lora, milora_layer.F_milora.grouped_lora
 
-    def spy(x, out, lora_A, lora_B, rows, factor, dropout=None):
-        calls.append((lora_A, None if rows is None else rows.tolist()))
-        return original(x, out, lora_A, lora_B, rows, factor, dropout)
+    def spy_gated(x, out, lora_A, lora_B, rows, factor, dropout=None):
+        rows = range(x.shape[0]) if rows is None else rows.tolist()
+        calls.append((lora_A.T, list(rows), factor.flatten()))
+        return gated(x, out, lora_A, lora_B, None if rows == range(x.shape[0]) else torch.tensor(rows), factor, dropout)
 
-    monkeypatch.setattr(milora_layer.F_milora, "gated_lora", spy)
+    def spy_grouped(x, out, stack_A, stack_B, gather, counts, factor):
+        for slot, count in enumerate(counts.tolist()):
+            calls.append((stack_A[slot], gather[slot, :count].tolist(), factor[slot, :count]))
+        return grouped(x, out, stack_A, stack_B, gather, counts, factor)
+
+    monkeypatch.setattr(milora_layer.F_milora, "gated_lora", spy_gated)
+    monkeypatch.setattr(milora_layer.F_milora, "grouped_lora", spy_grouped)
     ids, mask = right_pad(prompts(60))
     with capture_routing(model) as records:
-        model(input_ids=ids, attention_mask=mask, adapter_names=NAMES)
-    names = {module: name for name, module in model.named_modules()}
-    expected = {}  # (adapter, expert module name) -> batch rows whose routing selected it
+        model(input_ids=ids, attention_mask=mask, adapter_names=names)
+    module_names = {module: name for name, module in model.named_modules()}
+    expected = {}  # (adapter, expert module name) -> (batch rows whose routing selected it, their factors)
     for record in records:
-        block = names[record.layer].rsplit(".", 1)[0]
+        block = module_names[record.layer].rsplit(".", 1)[0]
         for index, expert in enumerate(record.layer.expert_names[record.adapter]):
-            rows = [int(r) for r, s in zip(record.rows, record.selected[:, index], strict=True) if s]
-            if rows:
-                expected[(record.adapter, f"{block}.{expert}")] = rows
-    owner = {id(m.milora_A[a]): (a, n) for n, m in experts(model).items() for a in m.milora_A}
-    seen = {owner[id(lora_A)]: rows for lora_A, rows in calls}
-    assert seen == expected  # each expert on exactly its selecting rows; one no row selected does not run
+            chosen = record.selected[:, index]
+            if chosen.any():
+                scaling = model.get_submodule(f"{block}.{expert}").scaling[record.adapter]
+                factors = record.probs[chosen, index] * scaling
+                expected[(record.adapter, f"{block}.{expert}")] = (record.rows[chosen].tolist(), factors)
+    experts_by_weight = [(a, n, m.milora_A[a]) for n, m in experts(model).items() for a in m.milora_A]
+    seen = {}
+    for weight_T, rows, factor in calls:
+        adapter, name, lora_A = next(
+            (a, n, w) for a, n, w in experts_by_weight
+            if torch.equal(weight_T[:, : w.shape[0]], w.T) and not weight_T[:, w.shape[0] :].any()
+        )  # fmt: skip
+        seen[(adapter, name)] = (rows, factor)
+    assert set(seen) == set(expected)  # an expert no row selected does not run at all
+    for key, (rows, factor) in seen.items():
+        assert rows == expected[key][0], key
+        torch.testing.assert_close(factor.float(), expected[key][1], rtol=1e-6, atol=0)
     assert len(calls) == len(seen)
 
 

@@ -315,4 +315,3 @@ def auxiliary_row_adapters(module, names) -> list[str]:
     if held is None:  # a PEFT version without the set: leave the names to PEFT
         return list(names)
     return [name if name in held else "__base__" for name in names]
-

@@ -11,8 +11,8 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ._loading import check_adapter_state_dict
-from ._registration import auxiliary_row_adapters
 from ._outputs import ignore_router_outputs_at_inference, restore_keys_to_ignore_at_inference
+from ._registration import auxiliary_row_adapters
 from ._undo import ModelState
 from .mixed_batch import adapters_per_row, check_adapter_names, generation_expansions
 from .routing import current_session, generation_routing, install_session_hooks, remove_session_hooks

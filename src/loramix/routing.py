@@ -121,14 +121,20 @@ class RoutingSession:
 
     Attributes read by the layers: :meth:`pool_mask` and :attr:`token_mask` (which tokens count),
     :attr:`reuse` (routing to reuse, ``{(router, adapter): state}``, or ``None``) and
-    :attr:`continues_cache` (the input continues a KV cache). Written by the layers: :meth:`record`,
+    :attr:`continues_cache` (the input continues a KV cache), :attr:`rows` (mixed-adapter batches). Written by
+    the layers: :attr:`scratch` (derived data kept for the later forwards of the call), :meth:`record`,
     :attr:`decisions` (this forward's MiLoRA routing per router) and :attr:`block` (the routing of the
     block being computed, per adapter). :attr:`pending` holds balance-loss terms whose gradient is
     delivered when reentrant activation checkpointing re-runs a layer (:mod:`loramix.balance`).
     """
 
     def __init__(
-        self, inputs: dict[str, Any], reuse: dict | None, continues_cache: bool, rows: AdapterRows | None = None
+        self,
+        inputs: dict[str, Any],
+        reuse: dict | None,
+        continues_cache: bool,
+        rows: AdapterRows | None = None,
+        scratch: dict | None = None,
     ) -> None:
         tokens = inputs.get("input_ids")
         if not isinstance(tokens, torch.Tensor):
@@ -146,6 +152,9 @@ class RoutingSession:
         self.reuse = reuse
         self.continues_cache = continues_cache
         self.rows = rows  # the adapter of each row in a mixed-adapter batch, else None
+        # what layers derive from the routing for the forwards of one call (a generate), e.g. MiLoRA's
+        # grouped weights for a mixed-adapter batch; dropped with the call
+        self.scratch: dict[Any, Any] = {} if scratch is None else scratch
         self.decisions: dict[tuple[nn.Module, str], Any] = {}
         self.block: dict[str, Any] = {}
         self.records: list[RouterRecord] = []
@@ -236,7 +245,8 @@ def session_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         _check_cache_rows(cache, rows)
     else:
         reuse, continues = None, False
-    session = RoutingSession(inputs, reuse, continues, rows)
+    scratch = None if generation is None else generation.setdefault("scratch", {})
+    session = RoutingSession(inputs, reuse, continues, rows, scratch)
     session._token = _SESSION.set(session)
     return args, kwargs
 

@@ -1,11 +1,13 @@
-"""The row-selected (segmented) LoRA kernel for MiLoRA decoding against its PyTorch reference."""
+"""The row-selected (segmented) LoRA kernels for MiLoRA decoding against their references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loramix.kernels.segmented import segmented_lora, segmented_lora_reference
+from loramix.kernels.segmented import grouped_lora, segmented_lora, segmented_lora_reference
+from tests.milora.reference import grouped_reference, stack_adapters
+from tests.milora.test_functional import grouped_case
 
 # (batch, seq, d_in, d_out, r, selected rows)
 CASES = [
@@ -52,3 +54,28 @@ def test_refuses_autograd():
     x = torch.randn(2, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="no_grad"):
         segmented_lora(x, torch.randn(2, 4), torch.randn(3, 2), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seq", [None, 1, 6], ids=["2-D", "decode", "prefill"])
+def test_grouped_kernel_matches_a_loop_over_adapters_and_rows(seq, dtype):
+    """Several adapters, each on its own rows, in one launch pair (mixed-adapter batches)."""
+    x, out, adapters = grouped_case(seq, seed=3)
+    x, out = x.to(dtype), out.to(dtype)
+    adapters = [(a.to(dtype), b.to(dtype), rows, f) for a, b, rows, f in adapters]
+    expected = grouped_reference(x, out, adapters)
+    with torch.no_grad():
+        actual = grouped_lora(x, *stack_adapters(adapters, dtype), out=out.clone())
+    assert actual.dtype == dtype
+    err = ((actual.double() - expected).norm() / expected.norm()).item()
+    assert err < TOL[dtype]
+    assert torch.equal(actual[3], out[3])  # a row of no adapter is untouched
+
+
+def test_grouped_kernel_refuses_autograd_and_wrong_shapes():
+    x, out, adapters = grouped_case(1)
+    stack_A, stack_B, gather, counts, factor = stack_adapters(adapters)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        grouped_lora(x.requires_grad_(), stack_A, stack_B, gather, counts, factor, out=out)
+    with torch.no_grad(), pytest.raises(ValueError, match="do not fit"):
+        grouped_lora(x, stack_A[:, :-1], stack_B, gather, counts, factor, out=out)

@@ -85,3 +85,35 @@ def expert_reference(x, weight, bias, lora_A, lora_B, scaling, gate, magnitude=N
         adapted = magnitude.to(D).unsqueeze(1) * adapted / norms
     out = x @ weight.T + gate * (x @ (adapted - weight).T)
     return out if bias is None else out + bias.to(D)
+
+
+def grouped_reference(x, out, adapters):
+    """Several adapters' experts in one batch, a loop over adapters and rows in float64.
+
+    ``adapters`` lists ``(lora_A (r, d_in), lora_B (d_out, r), rows, factors)``: row ``rows[j]`` of ``out``
+    gets ``factors[j] · B A x[rows[j]]``; the other rows are left as they are.
+    """
+    out = out.to(D).clone()
+    for lora_A, lora_B, rows, factors in adapters:
+        for row, factor in zip(rows, factors, strict=True):
+            out[row] += float(factor) * (x[row].to(D) @ lora_A.to(D).T @ lora_B.to(D).T)
+    return out
+
+
+def stack_adapters(adapters, dtype=torch.float32):
+    """The stacked inputs of ``grouped_lora`` for ``adapters`` (as in :func:`grouped_reference`)."""
+    rank = max(a.shape[0] for a, _, _, _ in adapters)
+    slots = max(len(rows) for _, _, rows, _ in adapters)
+    d_in, d_out = adapters[0][0].shape[1], adapters[0][1].shape[0]
+    stack_A = torch.zeros(len(adapters), d_in, rank, dtype=dtype)
+    stack_B = torch.zeros(len(adapters), rank, d_out, dtype=dtype)
+    gather = torch.zeros(len(adapters), slots, dtype=torch.long)
+    factor = torch.zeros(len(adapters), slots)
+    for i, (lora_A, lora_B, rows, factors) in enumerate(adapters):
+        stack_A[i, :, : lora_A.shape[0]] = lora_A.T
+        stack_B[i, : lora_A.shape[0]] = lora_B.T
+        gather[i, : len(rows)] = torch.tensor(rows)
+        gather[i, len(rows) :] = rows[0]
+        factor[i, : len(rows)] = torch.as_tensor(factors)
+    counts = torch.tensor([len(rows) for _, _, rows, _ in adapters], dtype=torch.int32)
+    return stack_A, stack_B, gather, counts, factor

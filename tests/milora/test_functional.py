@@ -11,9 +11,11 @@ from tests.milora.reference import (
     balance_reference,
     expert_reference,
     gelu_reference,
+    grouped_reference,
     pool_reference,
     rational_reference,
     router_reference,
+    stack_adapters,
 )
 
 MASKS = {
@@ -124,3 +126,31 @@ def test_expert_update_matches_reference(dora):
         delta = F.lora_update(x, lora_A, lora_B, scaling)
     expected = expert_reference(x, weight, bias, lora_A, lora_B, scaling, gate, magnitude)
     assert torch.allclose((base_out + gate * delta).double(), expected, atol=1e-5)
+
+
+def grouped_case(seq: int | None, seed: int = 0):
+    """Three adapters of ranks 2, 5, 3 on 3, 1 and 2 rows of a batch of 7 (rows 3 not used: a base row)."""
+    g = torch.Generator().manual_seed(seed)
+    d_in, d_out = 11, 9
+    x = torch.randn(7, *(() if seq is None else (seq,)), d_in, generator=g)
+    out = torch.randn(*x.shape[:-1], d_out, generator=g)
+    adapters = [
+        (
+            torch.randn(r, d_in, generator=g),
+            torch.randn(d_out, r, generator=g),
+            rows,
+            torch.rand(len(rows), generator=g),
+        )
+        for r, rows in ((2, [0, 4, 6]), (5, [2]), (3, [5, 1]))
+    ]
+    return x, out, adapters
+
+
+@pytest.mark.parametrize("seq", [None, 1, 6], ids=["2-D", "decode", "prefill"])
+def test_grouped_lora_matches_a_loop_over_adapters_and_rows(seq):
+    x, out, adapters = grouped_case(seq)
+    expected = grouped_reference(x, out, adapters)
+    with torch.no_grad():
+        actual = F.grouped_lora(x, out.clone(), *stack_adapters(adapters))
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(actual[3], out[3])  # a row of no adapter is untouched

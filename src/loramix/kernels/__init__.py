@@ -1,11 +1,13 @@
 """Optional fused Triton kernels, and the switch that decides when they are used.
 
-Two kernels live here:
+Three kernels live here:
 
 * :func:`mor_linear` — the whole MoR update (router, softmax, ``Ω_A``/``Ω_B`` scaling and the
   rank-``N·r`` product) forward and backward as fused Triton kernels (``mor_triton.py``).
 * :func:`segmented_lora` — a LoRA applied only to selected rows of a batch, each with its own
-  weight (Punica-BGMV style shrink/expand), for MiLoRA decoding (``segmented.py``).
+  weight (Punica-BGMV style shrink/expand), for MiLoRA decoding (``segmented.py``);
+  :func:`grouped_lora`, its mixed-adapter form: several adapters' LoRAs, each on its own rows, in one
+  launch pair (Punica-SGMV style).
 
 Which implementation runs is chosen by the backend, from ``set_backend()`` or else from the
 environment variable ``LORAMIX_KERNELS``:
@@ -122,11 +124,19 @@ def segmented_lora(*args, **kwargs):
     return impl(*args, **kwargs)
 
 
+def grouped_lora(*args, **kwargs):
+    """Several adapters' row-selected LoRAs in one launch pair; see :func:`loramix.kernels.segmented.grouped_lora`."""
+    from .segmented import grouped_lora as impl
+
+    return impl(*args, **kwargs)
+
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "backend",
     "get_backend",
+    "grouped_lora",
     "interpreter_enabled",
     "mor_linear",
     "segmented_lora",

@@ -162,6 +162,27 @@ def gated_lora(x, out, lora_A, lora_B, rows, factor, dropout=None) -> torch.Tens
     return add_rows(out, delta * factor.to(delta.dtype), rows)
 
 
+def grouped_lora(x, out, stack_A, stack_B, gather, counts, factor) -> torch.Tensor:
+    """``out`` plus the gated updates of ``L`` adapters' experts, each on its own rows (a mixed-adapter batch).
+
+    The grouped form of :func:`gated_lora`, with the same maths per row: row ``gather[l, s]`` (for
+    ``s < counts[l]``) gets ``factor[l, s] · B_l A_l x``. Shapes: ``x`` (B, [T,] d_in), ``stack_A``
+    (L, d_in, r) = the ``A_l^T`` padded with zero columns to the largest rank, ``stack_B`` (L, r, d_out),
+    ``gather`` (L, S) long, ``counts`` (L,) int, ``factor`` (L, S) with 0 on the padding slots (whose
+    ``gather`` repeats a real row of the same adapter, so they add exact zeros). On CUDA (inference) one
+    Triton launch pair covers every adapter (:func:`loramix.kernels.grouped_lora`, Punica-SGMV style); elsewhere
+    one gather, two batched matmuls and one scatter-add, however many adapters the batch holds.
+    """
+    if not torch.is_grad_enabled() and kernels.use_triton(x):
+        return kernels.grouped_lora(x, stack_A, stack_B, gather, counts, factor, out=out)
+    num, slots = gather.shape
+    rows = x.index_select(0, gather.reshape(-1))  # (L·S, [T,] d_in)
+    z = torch.bmm(rows.reshape(num, -1, x.shape[-1]), stack_A)  # (L, S·T, r)
+    z = z.view(num, slots, -1, z.shape[-1]) * factor.to(z.dtype).view(num, slots, 1, 1)
+    delta = torch.bmm(z.view(num, -1, z.shape[-1]), stack_B)  # (L, S·T, d_out)
+    return out.index_add(0, gather.reshape(-1), delta.reshape(num * slots, *out.shape[1:]).to(out.dtype))
+
+
 def add_rows(out: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """``out + delta`` (``rows`` None) or ``out`` with ``delta`` added to the rows ``rows``."""
     delta = delta.to(out.dtype)

@@ -81,6 +81,23 @@ class RoutingState:
         return value
 
 
+class GroupedExperts:
+    """One expert layer's work in a mixed-adapter batch, built once per call (a ``generate``) and reused by
+    its decoding steps: the experts of several adapters, each on the rows whose adapter selected it,
+    stacked for :func:`~loramix.milora.functional.grouped_lora`. ``states`` are the routings it was built
+    from; ``stack_A`` is ``None`` when no row selected this expert."""
+
+    __slots__ = ("states", "stack_A", "stack_B", "gather", "counts", "factor")
+
+    def __init__(self, states: tuple[RoutingState, ...], stack_A=None, stack_B=None, gather=None, counts=None,
+                 factor=None) -> None:  # fmt: skip
+        self.states, self.stack_A, self.stack_B = states, stack_A, stack_B
+        self.gather, self.counts, self.factor = gather, counts, factor
+
+    def built_from(self, states: tuple[RoutingState, ...]) -> bool:
+        return len(states) == len(self.states) and all(a is b for a, b in zip(states, self.states, strict=True))
+
+
 class MiLoRATunerLayer(BaseTunerLayer):
     """Common base of :class:`MiLoRARouter` and :class:`Linear` (the tuner's ``tuner_layer_cls``)."""
 
@@ -386,9 +403,54 @@ class Linear(nn.Module, MiLoRATunerLayer):
         if self.disable_adapters:
             return result
         session = current_session()
-        for name, _ in adapter_rows(session, self.active_adapters, self.milora_A, x):  # the routing knows the rows
+        names = [name for name, _ in adapter_rows(session, self.active_adapters, self.milora_A, x)]
+        if session is not None and session.rows is not None and not torch.is_grad_enabled():
+            grouped = [name for name in names if name not in self.milora_magnitude]  # MiDoRA: per adapter
+            if len(grouped) > 1 and len({self.milora_A[name].dtype for name in grouped}) == 1:
+                result = self._add_grouped(session, grouped, x, result)
+                names = [name for name in names if name not in grouped]
+        for name in names:  # each adapter's routing knows its rows
             result = self._add_update(name, x, result, self._block_routing(session, name, x))
         return result
+
+    def _add_grouped(self, session: RoutingSession, names: list[str], x: torch.Tensor, result: torch.Tensor):
+        """``result`` plus the experts of all ``names`` on their selecting rows, in one grouped computation."""
+        states = tuple(self._block_routing(session, name, x) for name in names)
+        plan = session.scratch.get(self)
+        if plan is None or not plan.built_from(states):
+            plan = self._grouped_experts(names, states)
+            session.scratch[self] = plan
+        if plan.stack_A is None:
+            return result
+        x_in = self._cast_input_dtype(x, plan.stack_A.dtype)
+        return F_milora.grouped_lora(x_in, result, plan.stack_A, plan.stack_B, plan.gather, plan.counts, plan.factor)
+
+    @torch.no_grad()
+    def _grouped_experts(self, names: list[str], states: tuple[RoutingState, ...]) -> GroupedExperts:
+        parts = []
+        for name, state in zip(names, states, strict=True):
+            plan = state.plan(self.expert_index[name])
+            if plan is not None:
+                rows, gate = plan
+                rows = torch.arange(state.batch_size, device=gate.device) if rows is None else rows
+                parts.append((name, rows, gate.float() * self.scaling[name]))
+        if not parts:
+            return GroupedExperts(states)
+        lora_A = self.milora_A[parts[0][0]]
+        slots, rank = max(len(rows) for _, rows, _ in parts), max(self.r[name] for name, _, _ in parts)
+        stack_A = lora_A.new_zeros(len(parts), self.in_features, rank)
+        stack_B = lora_A.new_zeros(len(parts), rank, self.out_features)
+        gather = torch.empty(len(parts), slots, dtype=torch.long, device=lora_A.device)
+        factor = torch.zeros(len(parts), slots, device=lora_A.device)
+        for index, (name, rows, weights) in enumerate(parts):
+            r, count = self.r[name], len(rows)
+            stack_A[index, :, :r] = self.milora_A[name].T
+            stack_B[index, :r] = self.milora_B[name].T
+            gather[index, :count] = rows
+            gather[index, count:] = rows[0]  # padding: a real row of the adapter, with factor 0
+            factor[index, :count] = weights
+        counts = torch.tensor([len(rows) for _, rows, _ in parts], dtype=torch.int32, device=lora_A.device)
+        return GroupedExperts(states, stack_A, stack_B, gather, counts, factor)
 
     def _add_update(self, name: str, x: torch.Tensor, result: torch.Tensor, state: RoutingState) -> torch.Tensor:
         """``result + w · Δ(x)`` on the rows whose prompt selected this expert; no cost if none did."""
