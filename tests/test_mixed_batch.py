@@ -212,6 +212,25 @@ def test_milora_rows_are_routed_by_their_own_adapter_once_per_prompt(tmp_path):
 
 
 @torch.no_grad()
+def test_mor_records_each_rows_router_probabilities(tmp_path):
+    model = tenants(tmp_path, "mor")
+    sequences = prompts(80)
+    ids, mask = right_pad(sequences)
+    with capture_routing(model) as records:
+        model(input_ids=ids, attention_mask=mask, adapter_names=NAMES)
+    assert {r.adapter for r in records} == {"a", "b", "c"}
+    for record in records:
+        assert record.rows.tolist() == [i for i, n in enumerate(NAMES) if n == record.adapter]
+        for j, row in enumerate(record.rows.tolist()):
+            sequence = sequences[row]
+            with capture_routing(model) as own:
+                alone(model, record.adapter, lambda s=sequence: model(input_ids=s[None]))
+            reference = next(r for r in own if r.layer is record.layer)
+            torch.testing.assert_close(record.probs[j, : len(sequence)], reference.probs[0], rtol=0, atol=1e-6)
+            assert record.mask[j].tolist() == mask[row].tolist()
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("used", [("a", "b", "c"), ("b",)], ids=["three adapters", "one adapter"])
 def test_milora_expert_runs_only_over_rows_that_selected_it(tmp_path, monkeypatch, used):
     """Every expert computes exactly the rows whose own adapter selected it, with that row's router weight:

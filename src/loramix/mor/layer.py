@@ -13,7 +13,7 @@ from torch import nn
 from ..balance import attach_pending
 from ..routing import RouterRecord, adapter_rows, current_session
 from .config import MoRConfig
-from .functional import MoRDropout, mor_delta_weight, mor_linear
+from .functional import MoRDropout, grouped_mor, mor_delta_weight, mor_linear
 
 
 class MoRLayer(BaseTunerLayer):
@@ -175,9 +175,63 @@ class Linear(nn.Module, MoRLayer):
         if self.disable_adapters or self.merged:
             return result
         session = current_session()
-        for name, rows in adapter_rows(session, self.active_adapters, self.mor_A, x):
+        pairs = adapter_rows(session, self.active_adapters, self.mor_A, x)
+        if len(pairs) > 1 and session.rows is not None and not torch.is_grad_enabled() and x.dim() == 3:
+            dtypes = {self.mor_A[name].dtype for name, _ in pairs}
+            if len(dtypes) == 1:
+                return self._add_grouped(session, [name for name, _ in pairs], x, result)
+        for name, rows in pairs:
             result = self._add_update(session, name, x, result, rows)
         return result
+
+    def _add_grouped(self, session, names: list[str], x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """A mixed-adapter batch: every adapter of ``names`` on its own rows in one grouped computation."""
+        key = (self, session.rows)
+        plan = session.scratch.get(key)
+        if plan is None:  # built once per call: the decoding steps of a generate reuse it
+            plan = self._grouped_stacks(names, session.rows.groups(x.device))
+            session.scratch[key] = plan
+        stacks, counts = plan
+        x_in = self._cast_input_dtype(x, stacks[0].dtype)
+        result, probs = grouped_mor(x_in, result, *stacks)
+        mask = session.token_mask
+        for index, (name, count) in enumerate(zip(names, counts, strict=True)):
+            if name in self.mor_router:
+                rows = stacks[-2][index, :count]
+                own = probs[index, : count * x.shape[1]].view(count, x.shape[1], -1)[..., : self.num_experts[name]]
+                own_mask = None if mask is None else mask.index_select(0, rows.to(mask.device))
+                session.record(RouterRecord(self, name, own, mask=own_mask, rows=rows))
+        return result
+
+    @torch.no_grad()
+    def _grouped_stacks(self, names: list[str], groups: dict[str, torch.Tensor]):
+        """The inputs of :func:`~loramix.mor.functional.grouped_mor` for the adapters ``names``."""
+        first = self.mor_A[names[0]]
+        num, slots = len(names), max(len(groups[name]) for name in names)
+        rank = max(self.r[name] for name in names)
+        experts = max(self.num_experts[name] for name in names)
+        stack_A = first.new_zeros(num, self.in_features, rank)
+        stack_router = first.new_zeros(num, self.in_features, experts)
+        expert_bias = torch.full((num, experts), float("-inf"), device=first.device)
+        stack_omega_A = first.new_zeros(num, experts, rank)
+        stack_B_eff = first.new_zeros(num, experts, rank, self.out_features)
+        gather = torch.empty(num, slots, dtype=torch.long, device=first.device)
+        valid = torch.zeros(num, slots, device=first.device)
+        for index, name in enumerate(names):
+            r, n, rows = self.r[name], self.num_experts[name], groups[name]
+            stack_A[index, :, :r] = self.mor_A[name].T
+            if name in self.mor_router:
+                stack_router[index, :, :n] = self.mor_router[name].T
+            expert_bias[index, :n] = 0.0
+            stack_omega_A[index, :n, :r] = self.mor_omega_A[name]
+            # B_eff[(i, k), o] = scaling · Ω_B[i, o] · B[o, k], as mor_delta builds it
+            b_eff = self.mor_omega_B[name].unsqueeze(-1) * (self.mor_B[name] * self.scaling[name]).unsqueeze(0)
+            stack_B_eff[index, :n, :r] = b_eff.transpose(1, 2)
+            gather[index, : len(rows)] = rows
+            gather[index, len(rows) :] = rows[0]  # padding: a real row of the adapter, added with weight 0
+            valid[index, : len(rows)] = 1.0
+        stacks = (stack_A, stack_router, expert_bias, stack_omega_A, stack_B_eff.flatten(1, 2), gather, valid)
+        return stacks, [len(groups[name]) for name in names]
 
     def _add_update(self, session, name: str, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
         """``result`` plus adapter ``name``'s update on the batch rows ``rows`` (``None``: all rows; a mixed-adapter
