@@ -87,6 +87,14 @@ def test_forward_rows_equal_each_row_alone(model):
 
 
 @torch.no_grad()
+def test_one_adapter_on_every_row_is_the_plain_batch(model):
+    """``adapter_names`` naming one adapter for every row computes exactly what ``set_adapter`` does."""
+    ids, mask = left_pad(prompts(90))
+    plain = alone(model, "b", lambda: model(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask, adapter_names=["b"] * len(LENGTHS)).logits, plain)
+
+
+@torch.no_grad()
 def test_rows_differ_between_adapters(model):
     """The reference is not trivially met: the adapters change the output, and differently."""
     ids = random_tokens(6)[None]

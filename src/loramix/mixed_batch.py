@@ -6,8 +6,9 @@
 
     tuner (_enable_peft_forward_hooks)  checks the names (check_adapter_names) and opens adapters_per_row()
     routing session (each forward)      turns them into the batch's AdapterRows (expanding them for beams)
-    MoR layer / MiLoRA router + expert  compute each adapter on its rows only: one gather and one
-                                        scatter per adapter group, never a loop over rows
+    MoR layer / MiLoRA router + expert  compute each adapter on its rows only, never a loop over rows:
+                                        the layers' adapters together, in one grouped computation
+                                        (``grouped_mor``, ``grouped_lora``), routers per adapter group
 
 Each row equals that row run alone with ``set_adapter(name)``; a MiLoRA row is routed by its own
 adapter's routers, once per prompt, and keeps that routing for the whole ``generate`` call.
@@ -50,11 +51,16 @@ class AdapterRows:
     def batch_size(self) -> int:
         return len(self.names)
 
-    def groups(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """``{adapter: rows}`` with ``rows`` a long tensor on ``device``; ``"__base__"`` rows are in none."""
+    def groups(self, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """``{adapter: rows}`` with ``rows`` a long tensor on ``device``, or ``None`` when the adapter has every
+        row (then layers take their plain path, without gathering); ``"__base__"`` rows are in none."""
         on = self._on.get(device)
         if on is None:
-            on = {name: torch.tensor(rows, dtype=torch.long, device=device) for name, rows in self.host.items()}
+            every = tuple(range(self.batch_size))
+            on = {
+                name: None if rows == every else torch.tensor(rows, dtype=torch.long, device=device)
+                for name, rows in self.host.items()
+            }
             self._on[device] = on
         return on
 

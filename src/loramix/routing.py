@@ -190,7 +190,8 @@ def adapter_rows(
     """The adapters a layer holding ``held`` applies to its input ``x`` (batch first), with their rows.
 
     Normally the active adapters, each on every row (rows ``None``). In a mixed-adapter batch, each adapter
-    of the batch on its own rows (a long tensor on ``x``'s device); raises if ``x`` is not that batch.
+    of the batch on its own rows (a long tensor on ``x``'s device, ``None`` if it has them all); raises if
+    ``x`` is not that batch.
     """
     if session is None or session.rows is None:
         return [(name, None) for name in active if name in held]

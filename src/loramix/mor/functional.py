@@ -92,7 +92,7 @@ def mor_delta(
     return F.linear(y, b_eff.transpose(0, 1).reshape(lora_B.shape[0], num_experts * rank))
 
 
-def grouped_mor(x, out, stack_A, stack_router, expert_bias, stack_omega_A, stack_B_eff, gather, valid):
+def grouped_mor(x, out, stack_A, stack_router, expert_bias, stack_omega_A, stack_B, stack_omega_B, gather, valid):
     """``out`` plus the MoR updates of ``L`` adapters, each on its own rows (a mixed-adapter batch), and the
     router probabilities ``(L, S·T, N)``.
 
@@ -100,9 +100,9 @@ def grouped_mor(x, out, stack_A, stack_router, expert_bias, stack_omega_A, stack
     three batched matmuls and one scatter-add, however many adapters the batch holds. Shapes (ranks and expert
     counts zero-padded to the largest): ``x`` (B, T, d_in); ``stack_A`` (L, d_in, r); ``stack_router``
     (L, d_in, N) (zeros for the mean router); ``expert_bias`` (L, N): 0, or ``-inf`` for padded experts;
-    ``stack_omega_A`` (L, N, r); ``stack_B_eff`` (L, N·r, d_out) = ``scaling · Ω_B[i, o] · B[o, k]`` at row
-    ``(i, k)``; ``gather`` (L, S) batch rows per adapter (padding slots repeat a real row); ``valid`` (L, S)
-    1 for real slots, 0 for padding (which then adds exact zeros).
+    ``stack_omega_A`` (L, N, r); ``stack_B`` (L, r, d_out) = ``scaling · B^T``; ``stack_omega_B`` (L, N, d_out);
+    ``gather`` (L, S) batch rows per adapter (padding slots repeat a real row); ``valid`` (L, S) 1 for real
+    slots, 0 for padding (which then adds exact zeros). ``B_eff`` is built per call, as :func:`mor_delta` does.
     """
     num, slots = gather.shape
     rows = x.index_select(0, gather.reshape(-1)).reshape(num, -1, x.shape[-1])  # (L, S·T, d_in)
@@ -112,7 +112,8 @@ def grouped_mor(x, out, stack_A, stack_router, expert_bias, stack_omega_A, stack
     z = torch.bmm(rows, stack_A)  # (L, S·T, r)
     gate = probs.to(z.dtype).unsqueeze(-1) * stack_omega_A.to(z.dtype).unsqueeze(1)  # (L, S·T, N, r)
     y = (gate * z.unsqueeze(-2)).flatten(-2)  # (L, S·T, N·r)
-    delta = torch.bmm(y, stack_B_eff).view(num, slots, -1, stack_B_eff.shape[-1])
+    b_eff = (stack_omega_B.unsqueeze(-2) * stack_B.unsqueeze(1)).flatten(1, 2)  # (L, N·r, d_out), row (i, k)
+    delta = torch.bmm(y, b_eff).view(num, slots, -1, b_eff.shape[-1])
     delta = delta * valid.to(delta.dtype).view(num, slots, 1, 1)
     return out.index_add(0, gather.reshape(-1), delta.reshape(num * slots, *out.shape[1:]).to(out.dtype)), probs
 

@@ -214,7 +214,8 @@ class Linear(nn.Module, MoRLayer):
         stack_router = first.new_zeros(num, self.in_features, experts)
         expert_bias = torch.full((num, experts), float("-inf"), device=first.device)
         stack_omega_A = first.new_zeros(num, experts, rank)
-        stack_B_eff = first.new_zeros(num, experts, rank, self.out_features)
+        stack_B = first.new_zeros(num, rank, self.out_features)
+        stack_omega_B = first.new_zeros(num, experts, self.out_features)
         gather = torch.empty(num, slots, dtype=torch.long, device=first.device)
         valid = torch.zeros(num, slots, device=first.device)
         for index, name in enumerate(names):
@@ -224,13 +225,12 @@ class Linear(nn.Module, MoRLayer):
                 stack_router[index, :, :n] = self.mor_router[name].T
             expert_bias[index, :n] = 0.0
             stack_omega_A[index, :n, :r] = self.mor_omega_A[name]
-            # B_eff[(i, k), o] = scaling · Ω_B[i, o] · B[o, k], as mor_delta builds it
-            b_eff = self.mor_omega_B[name].unsqueeze(-1) * (self.mor_B[name] * self.scaling[name]).unsqueeze(0)
-            stack_B_eff[index, :n, :r] = b_eff.transpose(1, 2)
+            stack_B[index, :r] = self.mor_B[name].T * self.scaling[name]
+            stack_omega_B[index, :n] = self.mor_omega_B[name]
             gather[index, : len(rows)] = rows
             gather[index, len(rows) :] = rows[0]  # padding: a real row of the adapter, added with weight 0
             valid[index, : len(rows)] = 1.0
-        stacks = (stack_A, stack_router, expert_bias, stack_omega_A, stack_B_eff.flatten(1, 2), gather, valid)
+        stacks = (stack_A, stack_router, expert_bias, stack_omega_A, stack_B, stack_omega_B, gather, valid)
         return stacks, [len(groups[name]) for name in names]
 
     def _add_update(self, session, name: str, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
