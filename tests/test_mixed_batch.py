@@ -306,3 +306,29 @@ def test_modules_to_save_and_dora_follow_each_row(tmp_path, method):
     for i, (name, sequence) in enumerate(zip(NAMES, sequences, strict=True)):
         reference = alone(model, name, lambda s=sequence: model(input_ids=s[None]).logits[0])
         torch.testing.assert_close(mixed[i, : len(sequence)], reference, rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_encoder_decoder_forward_is_per_row_and_generate_refuses():
+    """T5: a forward runs encoder and decoder inside the model's forward, so rows follow their adapters;
+    ``generate`` calls the encoder by itself, outside it, where rows cannot be matched: it raises."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    model = T5ForConditionalGeneration(config)
+    mor = dict(r=4, num_experts=2, target_modules=["wi", "wo"], init_weights=False, task_type="SEQ_2_SEQ_LM")
+    model = get_peft_model(model, MoRConfig(**mor), adapter_name="a")
+    model.add_adapter("b", MoRConfig(**mor))
+    model.eval()
+    ids, decoder_ids = random_tokens((3, 5), 1) % 64, random_tokens((3, 4), 2) % 64
+    names = ["b", "__base__", "a"]
+    mixed = model(input_ids=ids, decoder_input_ids=decoder_ids, adapter_names=names).logits
+    for i, name in enumerate(names):
+        reference = alone(
+            model, name, lambda i=i: model(input_ids=ids[i : i + 1], decoder_input_ids=decoder_ids[i : i + 1])
+        )
+        torch.testing.assert_close(mixed[i], reference.logits[0], rtol=0, atol=ATOL)
+    with pytest.raises(RuntimeError, match="outside a forward of the adapted model"):
+        model.generate(input_ids=ids, adapter_names=names, max_new_tokens=2)

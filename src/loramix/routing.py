@@ -193,6 +193,13 @@ def adapter_rows(
     of the batch on its own rows (a long tensor on ``x``'s device, ``None`` if it has them all); raises if
     ``x`` is not that batch.
     """
+    if session is None and requested() is not None:
+        raise RuntimeError(
+            "loramix: a layer ran outside a forward of the adapted model during a call with `adapter_names` (e.g. "
+            "the encoder of an encoder-decoder model, which `generate` calls by itself), so its rows cannot be "
+            "matched to their adapters. Mixed-adapter batches need every adapted layer to run inside the model's "
+            "forward (decoder-only models); otherwise run one adapter per batch with `set_adapter`."
+        )
     if session is None or session.rows is None:
         return [(name, None) for name in active if name in held]
     session.rows.check_batch(x.shape[0], "a loramix layer")
