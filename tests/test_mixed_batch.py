@@ -6,6 +6,8 @@ The reference for a row is always the row run by itself (no padding, no other ro
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -148,16 +150,25 @@ def test_sampling_with_returned_sequences_keeps_each_rows_adapter(model):
 
 @torch.no_grad()
 def test_cache_continuation_needs_the_same_adapter_names(model):
-    ids, mask = left_pad(prompts(40))
-    first = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES, use_cache=True)
-    step = {"input_ids": first.logits[:, -1:].argmax(-1), "attention_mask": torch.cat([mask, mask[:, :1] * 0 + 1], 1)}
+    """Equal-length prompts (no padding), so a continued step can be compared with each row run alone."""
+    ids = torch.stack([random_tokens(6, 40 + i) for i in range(len(NAMES))])
+    first = model(input_ids=ids, adapter_names=NAMES, use_cache=True)
+    step = {"input_ids": first.logits[:, -1:].argmax(-1)}
     cache = getattr(first, CACHE)
     shuffled = NAMES[1:] + NAMES[:1]
     with pytest.raises(RuntimeError, match="adapter_names"):
         model(**step, **{CACHE: cache}, adapter_names=shuffled)
     with pytest.raises(RuntimeError, match="adapter_names"):
         model(**step, **{CACHE: cache})  # the active adapter on every row
-    model(**step, **{CACHE: cache}, adapter_names=NAMES)  # the same names continue it
+    with pytest.raises(RuntimeError, match="no forward of this model filled"):
+        model(**step, **{CACHE: copy.deepcopy(cache)}, adapter_names=NAMES)  # a copy: its rows are unknown
+    continued = model(**step, **{CACHE: cache}, adapter_names=NAMES).logits[:, -1]  # the same names continue it
+    whole = torch.cat([ids, step["input_ids"]], dim=1)
+    prompt = torch.cat([torch.ones_like(ids), torch.zeros_like(step["input_ids"])], dim=1)  # MiLoRA routes on it
+    for i, name in enumerate(NAMES):
+        run = lambda i=i: model(input_ids=whole[i : i + 1], prompt_mask=prompt[i : i + 1]).logits[0, -1]  # noqa: E731
+        reference = alone(model, name, run)
+        torch.testing.assert_close(continued[i], reference, rtol=0, atol=ATOL)
 
 
 def test_refusals(model, method, tmp_path):
@@ -332,3 +343,46 @@ def test_encoder_decoder_forward_is_per_row_and_generate_refuses():
         torch.testing.assert_close(mixed[i], reference.logits[0], rtol=0, atol=ATOL)
     with pytest.raises(RuntimeError, match="outside a forward of the adapted model"):
         model.generate(input_ids=ids, adapter_names=names, max_new_tokens=2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("names, grouped", [(NAMES, True), (["a"] * 8 + ["b", "c"], False)], ids=["balanced", "uneven"])
+def test_mor_groups_adapters_unless_padding_would_double_the_work(tmp_path, monkeypatch, names, grouped):
+    """Grouping pads every adapter of a layer to its largest group; when that would more than double the work
+    (here 3 adapters x 8 slots for 10 rows) each adapter runs on its own rows. Both ways, every row equals
+    the row alone."""
+    from loramix.mor.layer import Linear
+
+    model = tenants(tmp_path, "mor", c={"target_modules": ["down_proj"]})  # layer 1's down_proj: a, b and c
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    assert set(layer.mor_A) == {"a", "b", "c"}
+    stacked = []
+    original = Linear._grouped_stacks
+    monkeypatch.setattr(Linear, "_grouped_stacks", lambda self, *a: stacked.append(self) or original(self, *a))
+    sequences = [random_tokens(5 + i % 3, 100 + i) for i in range(len(names))]
+    ids, mask = right_pad(sequences)
+    mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    assert (layer in stacked) == grouped
+    for i, (name, sequence) in enumerate(zip(names, sequences, strict=True)):
+        reference = alone(model, name, lambda s=sequence: model(input_ids=s[None]).logits[0])
+        torch.testing.assert_close(mixed[i, : len(sequence)], reference, rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_encoder_modules_to_save_outside_the_forward_refuse():
+    """A per-adapter ``modules_to_save`` in T5's encoder (no loramix layer there): ``generate`` runs the encoder
+    outside the model's forward, where its rows cannot be matched, so PEFT's wrapper must not fall back to the
+    active adapter for every row."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    mor = dict(r=4, num_experts=2, target_modules=r"decoder\.block\.\d+\.layer\.2\.DenseReluDense\.wi",
+               modules_to_save=["SelfAttention.q"], init_weights=False, task_type="SEQ_2_SEQ_LM")  # fmt: skip
+    model = get_peft_model(T5ForConditionalGeneration(config), MoRConfig(**mor), adapter_name="a")
+    model.add_adapter("b", MoRConfig(**mor))
+    model.eval()
+    ids = random_tokens((2, 5), 3) % 64
+    with pytest.raises(RuntimeError, match="ran outside a forward of the adapted model"):
+        model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=2)

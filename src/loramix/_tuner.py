@@ -21,7 +21,13 @@ from .routing import current_session, generation_routing, install_session_hooks,
 def _auxiliary_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     """PEFT's ``modules_to_save`` / trainable-token wrappers take the row adapters as ``adapter_names``."""
     session = current_session()
-    if session is not None and session.rows is not None:
+    if session is None:  # e.g. T5's encoder, which generate runs by itself: the rows cannot be matched
+        raise RuntimeError(
+            f"loramix: PEFT's {type(module).__name__} ran outside a forward of the adapted model during a call with "
+            "`adapter_names` (e.g. in the encoder of an encoder-decoder model, which `generate` calls by itself), so "
+            "its rows cannot be matched to their adapters; run one adapter per batch with `set_adapter`."
+        )
+    if session.rows is not None:
         kwargs["adapter_names"] = auxiliary_row_adapters(module, session.rows.names)
     return args, kwargs
 

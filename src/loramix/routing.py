@@ -281,6 +281,12 @@ def _check_cache_rows(cache: Any, rows: AdapterRows | None) -> None:
     """Continuing a cache with other row adapters than it was computed with would mix them up: raise."""
     known = _CACHE_ROWS.get(cache, _UNSET)
     current = None if rows is None else rows.names
+    if known is _UNSET and current is not None:
+        raise RuntimeError(
+            "loramix: this forward continues a KV cache that no forward of this model filled (in this process), e.g. "
+            "a copy of one, so the adapters its rows were computed with are unknown; with `adapter_names`, pass the "
+            "cache object the model returned."
+        )
     if known is not _UNSET and known != current:
         raise RuntimeError(
             "loramix: this forward continues a KV cache computed with "

@@ -177,3 +177,17 @@ def test_grouped_adapters_match_each_rows_float64_loop():
             assert rel_err(out[row], expected) < 1e-6, (name, row)
     for row in (2, 7):
         assert torch.equal(out[row], base[row])
+
+
+@torch.no_grad()
+def test_two_active_adapters_outside_a_model_forward():
+    """A layer called by itself (no routing session, e.g. T5's encoder run by ``generate``) with two active
+    adapters adds both updates."""
+    layer = make_layer(12, 10, 4, 3, seed=1)
+    torch.manual_seed(5)
+    layer.update_layer("second", MoRConfig(r=2, num_experts=2, lora_dropout=0.0, init_weights=False))
+    layer.set_adapter(["default", "second"])
+    x = torch.randn(3, 4, 12)
+    base = layer.get_base_layer()(x).double()
+    expected = reference_of(layer, x, "default") + reference_of(layer, x, "second") - base
+    assert rel_err(layer(x), expected) < 1e-6

@@ -18,6 +18,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .. import kernels
 from ..balance import attach_pending
 from ..routing import RouterRecord, RoutingSession, adapter_rows, current_session
 from . import functional as F_milora
@@ -85,13 +86,14 @@ class GroupedExperts:
     """One expert layer's work in a mixed-adapter batch, built once per call (a ``generate``) and reused by
     its decoding steps: the experts of several adapters, each on the rows whose adapter selected it,
     stacked for :func:`~loramix.milora.functional.grouped_lora`. ``states`` are the routings it was built
-    from; ``stack_A`` is ``None`` when no row selected this expert."""
+    from; ``stack_A`` is ``None`` when no row selected this expert (``empty``) or when the adapters run one
+    by one (uneven groups, see :meth:`Linear._grouped_experts`)."""
 
-    __slots__ = ("states", "stack_A", "stack_B", "gather", "counts", "factor")
+    __slots__ = ("states", "empty", "stack_A", "stack_B", "gather", "counts", "factor")
 
     def __init__(self, states: tuple[RoutingState, ...], stack_A=None, stack_B=None, gather=None, counts=None,
-                 factor=None) -> None:  # fmt: skip
-        self.states, self.stack_A, self.stack_B = states, stack_A, stack_B
+                 factor=None, empty: bool = False) -> None:  # fmt: skip
+        self.states, self.empty, self.stack_A, self.stack_B = states, empty, stack_A, stack_B
         self.gather, self.counts, self.factor = gather, counts, factor
 
     def built_from(self, states: tuple[RoutingState, ...]) -> bool:
@@ -407,26 +409,35 @@ class Linear(nn.Module, MiLoRATunerLayer):
         if session is not None and session.rows is not None and not torch.is_grad_enabled():
             grouped = [name for name in names if name not in self.milora_magnitude]  # MiDoRA: per adapter
             if len(grouped) > 1 and len({self.milora_A[name].dtype for name in grouped}) == 1:
-                result = self._add_grouped(session, grouped, x, result)
-                names = [name for name in names if name not in grouped]
+                plan = self._grouped_plan(session, grouped, x)
+                if plan.stack_A is not None or plan.empty:
+                    result = self._add_grouped(plan, x, result)
+                    names = [name for name in names if name not in grouped]
         for name in names:  # each adapter's routing knows its rows
             result = self._add_update(name, x, result, self._block_routing(session, name, x))
         return result
 
-    def _add_grouped(self, session: RoutingSession, names: list[str], x: torch.Tensor, result: torch.Tensor):
-        """``result`` plus the experts of all ``names`` on their selecting rows, in one grouped computation."""
+    def _grouped_plan(self, session: RoutingSession, names: list[str], x: torch.Tensor) -> GroupedExperts:
+        """The experts of all ``names`` for this call's routing, built once and reused by the decoding steps."""
         states = tuple(self._block_routing(session, name, x) for name in names)
         plan = session.scratch.get(self)
         if plan is None or not plan.built_from(states):
-            plan = self._grouped_experts(names, states)
+            plan = self._grouped_experts(names, states, pad_free=kernels.use_triton(x))
             session.scratch[self] = plan
+        return plan
+
+    def _add_grouped(self, plan: GroupedExperts, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus the experts of the plan's adapters on their selecting rows, in one computation."""
         if plan.stack_A is None:
             return result
         x_in = self._cast_input_dtype(x, plan.stack_A.dtype)
         return F_milora.grouped_lora(x_in, result, plan.stack_A, plan.stack_B, plan.gather, plan.counts, plan.factor)
 
     @torch.no_grad()
-    def _grouped_experts(self, names: list[str], states: tuple[RoutingState, ...]) -> GroupedExperts:
+    def _grouped_experts(self, names: list[str], states: tuple[RoutingState, ...], pad_free: bool) -> GroupedExperts:
+        """Stack the selected experts of ``names``. In PyTorch every adapter is padded to the largest group, so
+        when that would more than double the work (uneven groups) no stack is built and each adapter runs on
+        its own rows; the Triton kernel (``pad_free``) skips padding and always takes the stack."""
         parts = []
         for name, state in zip(names, states, strict=True):
             plan = state.plan(self.expert_index[name])
@@ -435,6 +446,9 @@ class Linear(nn.Module, MiLoRATunerLayer):
                 rows = torch.arange(state.batch_size, device=gate.device) if rows is None else rows
                 parts.append((name, rows, gate.float() * self.scaling[name]))
         if not parts:
+            return GroupedExperts(states, empty=True)
+        sizes = [len(rows) for _, rows, _ in parts]
+        if not pad_free and len(sizes) * max(sizes) > 2 * sum(sizes):
             return GroupedExperts(states)
         lora_A = self.milora_A[parts[0][0]]
         slots, rank = max(len(rows) for _, rows, _ in parts), max(self.r[name] for name, _, _ in parts)

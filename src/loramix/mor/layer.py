@@ -176,21 +176,29 @@ class Linear(nn.Module, MoRLayer):
             return result
         session = current_session()
         pairs = adapter_rows(session, self.active_adapters, self.mor_A, x)
-        if len(pairs) > 1 and session.rows is not None and not torch.is_grad_enabled() and x.dim() == 3:
-            dtypes = {self.mor_A[name].dtype for name, _ in pairs}
-            if len(dtypes) == 1:
-                return self._add_grouped(session, [name for name, _ in pairs], x, result)
+        grouped = session is not None and session.rows is not None and len(pairs) > 1 and x.dim() == 3
+        if grouped and not torch.is_grad_enabled() and len({self.mor_A[name].dtype for name, _ in pairs}) == 1:
+            plan = self._grouped_plan(session, pairs, x)
+            if plan is not None:
+                return self._add_grouped(session, plan, [name for name, _ in pairs], x, result)
         for name, rows in pairs:
             result = self._add_update(session, name, x, result, rows)
         return result
 
-    def _add_grouped(self, session, names: list[str], x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """A mixed-adapter batch: every adapter of ``names`` on its own rows in one grouped computation."""
+    def _grouped_plan(self, session, pairs, x: torch.Tensor):
+        """The stacks of :meth:`_grouped_stacks`, built once per call (the decoding steps of a generate reuse
+        them), or ``None`` when padding every adapter to the largest group would more than double the work
+        (then each adapter runs on its own rows)."""
         key = (self, session.rows)
-        plan = session.scratch.get(key)
-        if plan is None:  # built once per call: the decoding steps of a generate reuse it
-            plan = self._grouped_stacks(names, session.rows.groups(x.device))
-            session.scratch[key] = plan
+        if key not in session.scratch:
+            sizes = [len(rows) for _, rows in pairs]
+            balanced = len(sizes) * max(sizes) <= 2 * sum(sizes)
+            names = [name for name, _ in pairs]
+            session.scratch[key] = self._grouped_stacks(names, session.rows.groups(x.device)) if balanced else None
+        return session.scratch[key]
+
+    def _add_grouped(self, session, plan, names: list[str], x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """A mixed-adapter batch: every adapter of ``names`` on its own rows in one grouped computation."""
         stacks, counts = plan
         x_in = self._cast_input_dtype(x, stacks[0].dtype)
         result, probs = grouped_mor(x_in, result, *stacks)
