@@ -349,16 +349,19 @@ def test_encoder_decoder_forward_is_per_row_and_generate_refuses():
 @pytest.mark.parametrize("names, grouped", [(NAMES, True), (["a"] * 8 + ["b", "c"], False)], ids=["balanced", "uneven"])
 def test_mor_groups_adapters_unless_padding_would_double_the_work(tmp_path, monkeypatch, names, grouped):
     """Grouping pads every adapter of a layer to its largest group; when that would more than double the work
-    (here 3 adapters x 8 slots for 10 rows) each adapter runs on its own rows. Both ways, every row equals
-    the row alone."""
+    (here 3 adapters x 8 slots for 10 rows; the padding budget that lets short inputs group anyway set to 0)
+    each adapter runs on its own rows. Both ways, every row equals the row alone."""
+    from loramix import mixed_batch
     from loramix.mor.layer import Linear
+
+    monkeypatch.setattr(mixed_batch, "PADDING_BUDGET", 0)
 
     model = tenants(tmp_path, "mor", c={"target_modules": ["down_proj"]})  # layer 1's down_proj: a, b and c
     layer = model.base_model.model.model.layers[1].mlp.down_proj
     assert set(layer.mor_A) == {"a", "b", "c"}
     stacked = []
-    original = Linear._grouped_stacks
-    monkeypatch.setattr(Linear, "_grouped_stacks", lambda self, *a: stacked.append(self) or original(self, *a))
+    original = Linear._add_grouped
+    monkeypatch.setattr(Linear, "_add_grouped", lambda self, *a: stacked.append(self) or original(self, *a))
     sequences = [random_tokens(5 + i % 3, 100 + i) for i in range(len(names))]
     ids, mask = right_pad(sequences)
     mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
@@ -386,3 +389,13 @@ def test_encoder_modules_to_save_outside_the_forward_refuse():
     ids = random_tokens((2, 5), 3) % 64
     with pytest.raises(RuntimeError, match="ran outside a forward of the adapted model"):
         model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=2)
+
+
+def test_padding_fits_bounds_the_padding():
+    from loramix.mixed_batch import PADDING_BUDGET, padding_fits
+
+    assert padding_fits([4, 4, 4], 2048)  # no padding
+    assert padding_fits([4, 1, 3], 2048)  # 4 padded rows for 8 real ones
+    assert not padding_fits([63] + [1] * 15, 2048)  # 930 padded rows for 78 real ones, at a long prefill
+    assert padding_fits([63] + [1] * 15, 1)  # the same at a decoding step: 930 token rows, under the budget
+    assert not padding_fits([PADDING_BUDGET, 1, 1], 1)  # padding over both the real rows and the budget

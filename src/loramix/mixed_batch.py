@@ -23,9 +23,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["BASE", "AdapterRows", "adapters_per_row", "check_adapter_names", "rows_for_batch"]
+__all__ = ["BASE", "AdapterRows", "adapters_per_row", "check_adapter_names", "padding_fits", "rows_for_batch"]
 
 BASE = "__base__"  # PEFT's name for "no adapter on this row"
+# Token rows of padding a grouped computation may add whatever the batch (see padding_fits): a few MiB of
+# activations per layer at usual widths; decoding steps (one token per row) always stay under it.
+PADDING_BUDGET = 4096
 
 _PER_ROW: contextvars.ContextVar[Requested | None] = contextvars.ContextVar("loramix_adapter_names", default=None)
 
@@ -158,3 +161,15 @@ def rows_for_batch(request: Requested, tokens: torch.Tensor | None, attention_ma
                     "be matched to their adapters."
                 )
     return AdapterRows([name for name in names for _ in range(factor)])
+
+
+def padding_fits(sizes: Sequence[int], tokens_per_row: int) -> bool:
+    """Whether computing adapters of ``sizes`` rows together, each padded to the largest, is worth it.
+
+    The grouped computations (MoR's ``grouped_mor``, MiLoRA's ``grouped_lora`` in PyTorch) pad every adapter
+    to the largest group. The padding may add as many token rows as are real, or ``PADDING_BUDGET``; beyond
+    that (very uneven groups at a long prefill) each adapter runs on its own rows, so activations never grow
+    with the busiest adapter times the number of adapters.
+    """
+    padding = (len(sizes) * max(sizes) - sum(sizes)) * tokens_per_row
+    return padding <= max(sum(sizes) * tokens_per_row, PADDING_BUDGET)

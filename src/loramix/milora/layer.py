@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import kernels
 from ..balance import attach_pending
+from ..mixed_batch import padding_fits
 from ..routing import RouterRecord, RoutingSession, adapter_rows, current_session
 from . import functional as F_milora
 from .config import MiLoRAConfig
@@ -86,15 +87,14 @@ class GroupedExperts:
     """One expert layer's work in a mixed-adapter batch, built once per call (a ``generate``) and reused by
     its decoding steps: the experts of several adapters, each on the rows whose adapter selected it,
     stacked for :func:`~loramix.milora.functional.grouped_lora`. ``states`` are the routings it was built
-    from; ``stack_A`` is ``None`` when no row selected this expert (``empty``) or when the adapters run one
-    by one (uneven groups, see :meth:`Linear._grouped_experts`)."""
+    from; ``stack_A`` is ``None`` when no row selected this expert; ``sizes`` are the rows per adapter."""
 
-    __slots__ = ("states", "empty", "stack_A", "stack_B", "gather", "counts", "factor")
+    __slots__ = ("states", "stack_A", "stack_B", "gather", "counts", "factor", "sizes")
 
     def __init__(self, states: tuple[RoutingState, ...], stack_A=None, stack_B=None, gather=None, counts=None,
-                 factor=None, empty: bool = False) -> None:  # fmt: skip
-        self.states, self.empty, self.stack_A, self.stack_B = states, empty, stack_A, stack_B
-        self.gather, self.counts, self.factor = gather, counts, factor
+                 factor=None, sizes=()) -> None:  # fmt: skip
+        self.states, self.stack_A, self.stack_B = states, stack_A, stack_B
+        self.gather, self.counts, self.factor, self.sizes = gather, counts, factor, sizes
 
     def built_from(self, states: tuple[RoutingState, ...]) -> bool:
         return len(states) == len(self.states) and all(a is b for a, b in zip(states, self.states, strict=True))
@@ -410,7 +410,9 @@ class Linear(nn.Module, MiLoRATunerLayer):
             grouped = [name for name in names if name not in self.milora_magnitude]  # MiDoRA: per adapter
             if len(grouped) > 1 and len({self.milora_A[name].dtype for name in grouped}) == 1:
                 plan = self._grouped_plan(session, grouped, x)
-                if plan.stack_A is not None or plan.empty:
+                tokens_per_row = x[0].numel() // x.shape[-1]
+                # no row selected this expert: nothing to add; the Triton kernel skips padding; PyTorch pays for it
+                if plan.stack_A is None or kernels.use_triton(x) or padding_fits(plan.sizes, tokens_per_row):
                     result = self._add_grouped(plan, x, result)
                     names = [name for name in names if name not in grouped]
         for name in names:  # each adapter's routing knows its rows
@@ -422,7 +424,7 @@ class Linear(nn.Module, MiLoRATunerLayer):
         states = tuple(self._block_routing(session, name, x) for name in names)
         plan = session.scratch.get(self)
         if plan is None or not plan.built_from(states):
-            plan = self._grouped_experts(names, states, pad_free=kernels.use_triton(x))
+            plan = self._grouped_experts(names, states)
             session.scratch[self] = plan
         return plan
 
@@ -434,10 +436,8 @@ class Linear(nn.Module, MiLoRATunerLayer):
         return F_milora.grouped_lora(x_in, result, plan.stack_A, plan.stack_B, plan.gather, plan.counts, plan.factor)
 
     @torch.no_grad()
-    def _grouped_experts(self, names: list[str], states: tuple[RoutingState, ...], pad_free: bool) -> GroupedExperts:
-        """Stack the selected experts of ``names``. In PyTorch every adapter is padded to the largest group, so
-        when that would more than double the work (uneven groups) no stack is built and each adapter runs on
-        its own rows; the Triton kernel (``pad_free``) skips padding and always takes the stack."""
+    def _grouped_experts(self, names: list[str], states: tuple[RoutingState, ...]) -> GroupedExperts:
+        """Stack the selected experts of ``names``, each adapter's rows padded to the largest group."""
         parts = []
         for name, state in zip(names, states, strict=True):
             plan = state.plan(self.expert_index[name])
@@ -446,9 +446,6 @@ class Linear(nn.Module, MiLoRATunerLayer):
                 rows = torch.arange(state.batch_size, device=gate.device) if rows is None else rows
                 parts.append((name, rows, gate.float() * self.scaling[name]))
         if not parts:
-            return GroupedExperts(states, empty=True)
-        sizes = [len(rows) for _, rows, _ in parts]
-        if not pad_free and len(sizes) * max(sizes) > 2 * sum(sizes):
             return GroupedExperts(states)
         lora_A = self.milora_A[parts[0][0]]
         slots, rank = max(len(rows) for _, rows, _ in parts), max(self.r[name] for name, _, _ in parts)
@@ -463,8 +460,9 @@ class Linear(nn.Module, MiLoRATunerLayer):
             gather[index, :count] = rows
             gather[index, count:] = rows[0]  # padding: a real row of the adapter, with factor 0
             factor[index, :count] = weights
-        counts = torch.tensor([len(rows) for _, rows, _ in parts], dtype=torch.int32, device=lora_A.device)
-        return GroupedExperts(states, stack_A, stack_B, gather, counts, factor)
+        sizes = [len(rows) for _, rows, _ in parts]
+        counts = torch.tensor(sizes, dtype=torch.int32, device=lora_A.device)
+        return GroupedExperts(states, stack_A, stack_B, gather, counts, factor, sizes)
 
     def _add_update(self, name: str, x: torch.Tensor, result: torch.Tensor, state: RoutingState) -> torch.Tensor:
         """``result + w · Δ(x)`` on the rows whose prompt selected this expert; no cost if none did."""

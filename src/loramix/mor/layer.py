@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..balance import attach_pending
+from ..mixed_batch import padding_fits
 from ..routing import RouterRecord, adapter_rows, current_session
 from .config import MoRConfig
 from .functional import MoRDropout, grouped_mor, mor_delta_weight, mor_linear
@@ -179,22 +180,19 @@ class Linear(nn.Module, MoRLayer):
         grouped = session is not None and session.rows is not None and len(pairs) > 1 and x.dim() == 3
         if grouped and not torch.is_grad_enabled() and len({self.mor_A[name].dtype for name, _ in pairs}) == 1:
             plan = self._grouped_plan(session, pairs, x)
-            if plan is not None:
+            if padding_fits(plan[1], x.shape[1]):
                 return self._add_grouped(session, plan, [name for name, _ in pairs], x, result)
         for name, rows in pairs:
             result = self._add_update(session, name, x, result, rows)
         return result
 
     def _grouped_plan(self, session, pairs, x: torch.Tensor):
-        """The stacks of :meth:`_grouped_stacks`, built once per call (the decoding steps of a generate reuse
-        them), or ``None`` when padding every adapter to the largest group would more than double the work
-        (then each adapter runs on its own rows)."""
+        """The stacks of :meth:`_grouped_stacks` and the rows per adapter, built once per call (the decoding
+        steps of a generate reuse them)."""
         key = (self, session.rows)
         if key not in session.scratch:
-            sizes = [len(rows) for _, rows in pairs]
-            balanced = len(sizes) * max(sizes) <= 2 * sum(sizes)
             names = [name for name, _ in pairs]
-            session.scratch[key] = self._grouped_stacks(names, session.rows.groups(x.device)) if balanced else None
+            session.scratch[key] = self._grouped_stacks(names, session.rows.groups(x.device))
         return session.scratch[key]
 
     def _add_grouped(self, session, plan, names: list[str], x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
