@@ -26,8 +26,9 @@ import torch
 __all__ = ["BASE", "AdapterRows", "adapters_per_row", "check_adapter_names", "padding_fits", "rows_for_batch"]
 
 BASE = "__base__"  # PEFT's name for "no adapter on this row"
-# Token rows of padding a grouped computation may add whatever the batch (see padding_fits): a few MiB of
-# activations per layer at usual widths; decoding steps (one token per row) always stay under it.
+# Token rows of padding a grouped computation may add whatever the batch (see padding_fits): at most 64 MiB of
+# extra activations per layer at width 4096 in float32; decoding steps (one token per row) of any batch under
+# 4096 rows stay within it.
 PADDING_BUDGET = 4096
 
 _PER_ROW: contextvars.ContextVar[Requested | None] = contextvars.ContextVar("loramix_adapter_names", default=None)
