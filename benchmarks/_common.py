@@ -302,6 +302,38 @@ def tensor_peak_bytes(fn: Callable[[], object]) -> int:
     return state["peak"]
 
 
+def timed_generate(generate: Callable[..., torch.Tensor], prompt: torch.Tensor, new_tokens: int, pad_id: int,
+                   **kwargs) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """One greedy ``generate(...)`` of exactly ``new_tokens`` tokens under ``inference_mode``; returns the output
+    and the seconds of its decoding steps, timed from the first logits-processor call (the prefill is done)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        first: float | None = None
+
+        def __call__(self, input_ids, scores):
+            if self.first is None:
+                self.first = time.perf_counter()
+            return scores
+
+    clock = StepClock()
+    with torch.inference_mode():
+        out = generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([clock]),
+            **kwargs,
+        )
+    end = time.perf_counter()
+    assert out.shape == (prompt.shape[0], prompt.shape[1] + new_tokens), out.shape
+    return out, end - clock.first
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LogitsProcessor, LogitsProcessorList
 
 import loramix
 from _common import (
@@ -46,26 +44,13 @@ from _common import (
     smollm2_state,
     summarise,
     tensor_peak_bytes,
+    timed_generate,
     write_json,
 )
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE = "base"
 LORA = "LoRA r=32, unmerged"
-
-
-class StepClock(LogitsProcessor):
-    """Records the time of the first logits-processor call (the prefill is done) and counts steps."""
-
-    def __init__(self):
-        self.first: float | None = None
-        self.calls = 0
-
-    def __call__(self, input_ids, scores):
-        if self.first is None:
-            self.first = time.perf_counter()
-        self.calls += 1
-        return scores
 
 
 class Contender:
@@ -93,28 +78,16 @@ class Contender:
             subscribe(model, lambda records, outputs: self.context.__setitem__("routed", self.context["routed"] + 1))
 
     def generate(self, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
-        clock = StepClock()
         routed0 = self.context["routed"] if self.context is not None else 0
         from loramix import routing as routing_module
 
         # the ablation also makes every step look like a forward without a cache, so that it routes afresh
         no_cache = patched(routing_module, "_cache_length", lambda cache: 0) if self.reroute else nullcontext()
-        with torch.inference_mode(), no_cache:
-            out = self._generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad_id,
-                logits_processor=LogitsProcessorList([clock]),
-            )
-        end = time.perf_counter()
-        self.decode_s.append(end - clock.first)
+        with no_cache:
+            out, seconds = timed_generate(self._generate, prompt, new_tokens, pad_id)
+        self.decode_s.append(seconds)
         if self.context is not None:
             self.routings = self.context["routed"] - routed0
-        assert out.shape[1] == prompt.shape[1] + new_tokens, out.shape
         return out
 
 

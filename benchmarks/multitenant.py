@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LogitsProcessor, LogitsProcessorList
 
 import loramix
 from _common import (
@@ -45,42 +43,15 @@ from _common import (
     tensor_peak_bytes,
     write_json,
 )
+from _common import timed_generate as decode_timed
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA, MILORA, MOR, NAIVE, SINGLE = "PEFT LoRA mixed", "MiLoRA mixed", "MoR mixed", "MiLoRA naive", "MiLoRA one adapter"
 
 
-class StepClock(LogitsProcessor):
-    """Records the time of the first logits-processor call: the prefill is done."""
-
-    def __init__(self) -> None:
-        self.first: float | None = None
-
-    def __call__(self, input_ids, scores):
-        if self.first is None:
-            self.first = time.perf_counter()
-        return scores
-
-
 def timed_generate(model, prompt, new_tokens: int, beams: int, pad_id: int, **kwargs) -> float:
     """Run one greedy/beam ``generate``; return the seconds of its decoding steps."""
-    clock = StepClock()
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            num_beams=beams,
-            use_cache=True,
-            pad_token_id=pad_id,
-            logits_processor=LogitsProcessorList([clock]),
-            **kwargs,
-        )
-    end = time.perf_counter()
-    assert out.shape == (prompt.shape[0], prompt.shape[1] + new_tokens), out.shape
-    return end - clock.first
+    return decode_timed(model.generate, prompt, new_tokens, pad_id, num_beams=beams, **kwargs)[1]
 
 
 def with_adapters(model, make_config, count: int):

@@ -105,6 +105,13 @@ def test_rows_differ_between_adapters(model):
     assert all((x - y).abs().max() > 1e-3 for i, x in enumerate(values) for y in values[i + 1 :])
 
 
+def record_alone(model, name: str, sequence: torch.Tensor, layer):
+    """The routing record of ``layer`` when ``sequence`` runs by itself with adapter ``name``."""
+    with capture_routing(model) as records:
+        alone(model, name, lambda: model(input_ids=sequence[None]))
+    return next(r for r in records if r.layer is layer)
+
+
 def generate_alone(model, name, sequence, **kwargs):
     run = lambda: model.generate(input_ids=sequence[None], attention_mask=torch.ones_like(sequence)[None], **kwargs)  # noqa: E731
     return alone(model, name, run)
@@ -220,10 +227,7 @@ def test_milora_rows_are_routed_by_their_own_adapter_once_per_prompt(tmp_path):
         rows = [i for i, n in enumerate(NAMES) if n == adapter]
         assert record.rows.tolist() == rows
         for row_index, row in enumerate(rows):
-            sequence = sequences[row]
-            with capture_routing(model) as own:
-                alone(model, adapter, lambda s=sequence: model(input_ids=s[None]))
-            reference = next(r for r in own if r.layer is router)
+            reference = record_alone(model, adapter, sequences[row], router)
             assert torch.equal(record.selected[row_index], reference.selected[0])
             torch.testing.assert_close(record.probs[row_index], reference.probs[0], rtol=0, atol=1e-6)
     per_adapter = {a for _, a in routed}
@@ -242,9 +246,7 @@ def test_mor_records_each_rows_router_probabilities(tmp_path):
         assert record.rows.tolist() == [i for i, n in enumerate(NAMES) if n == record.adapter]
         for j, row in enumerate(record.rows.tolist()):
             sequence = sequences[row]
-            with capture_routing(model) as own:
-                alone(model, record.adapter, lambda s=sequence: model(input_ids=s[None]))
-            reference = next(r for r in own if r.layer is record.layer)
+            reference = record_alone(model, record.adapter, sequence, record.layer)
             torch.testing.assert_close(record.probs[j, : len(sequence)], reference.probs[0], rtol=0, atol=1e-6)
             assert record.mask[j].tolist() == mask[row].tolist()
 

@@ -106,13 +106,17 @@ def main(arch: int = 90) -> int:
         "MoR bwd dA, dW_r",
     )
     build(
-        sg._shrink_kernel,
-        {**half("X", "A"), "ROWS": "*i32", "W": "*fp32", "Z": "*fp32"},
-        dict(R=32, HAS_W=True, BLOCK_G=16, BLOCK_K=64, BLOCK_R=32, DOT=dot, PREC=None),
-        "segmented LoRA shrink",
+        sg._grouped_shrink_kernel,
+        {**half("X", "A"), "GATHER": "*i32", "COUNTS": "*i32", "FACTOR": "*fp32", "Z": "*fp32"},
+        dict(R=32, BLOCK_G=16, BLOCK_K=64, BLOCK_R=32, DOT=dot, PREC=None),
+        "segmented / grouped LoRA shrink",
     )
-    build(sg._expand_kernel, {"Z": "*fp32", "ROWS": "*i32", **half("B", "OUT")},
-          dict(R=32, BLOCK_G=16, BLOCK_O=64, BLOCK_R=32, DOT=dot, PREC=None), "segmented LoRA expand")  # fmt: skip
+    build(
+        sg._grouped_expand_kernel,
+        {"Z": "*fp32", "GATHER": "*i32", "COUNTS": "*i32", **half("B", "OUT")},
+        dict(R=32, BLOCK_G=16, BLOCK_O=64, BLOCK_R=32, DOT=dot, PREC=None),
+        "segmented / grouped LoRA expand",
+    )
     return 1 if failures else 0
 
 

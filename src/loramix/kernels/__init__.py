@@ -1,13 +1,13 @@
 """Optional fused Triton kernels, and the switch that decides when they are used.
 
-Three kernels live here:
+Two families of kernels live here:
 
 * :func:`mor_linear` — the whole MoR update (router, softmax, ``Ω_A``/``Ω_B`` scaling and the
   rank-``N·r`` product) forward and backward as fused Triton kernels (``mor_triton.py``).
 * :func:`segmented_lora` — a LoRA applied only to selected rows of a batch, each with its own
   weight (Punica-BGMV style shrink/expand), for MiLoRA decoding (``segmented.py``);
   :func:`grouped_lora`, its mixed-adapter form: several adapters' LoRAs, each on its own rows, in one
-  launch pair (Punica-SGMV style).
+  launch pair (Punica-SGMV style). Both run the same shrink/expand kernel pair.
 
 Which implementation runs is chosen by the backend, from ``set_backend()`` or else from the
 environment variable ``LORAMIX_KERNELS``:
