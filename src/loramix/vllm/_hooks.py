@@ -72,7 +72,8 @@ class Served:
     routes: Routes = field(default_factory=Routes)
     engine: EngineSettings | None = None
     hf_config: object = None
-    open: LayerGates | None = None
+    open: LayerGates | None = None  # the gates of the layer running now, for add_expand
+    open_layer: object = None
 
 
 SERVED = Served()
@@ -217,16 +218,17 @@ def _wrap_apply(original):
     @functools.wraps(original)
     def apply(self, x, bias=None):
         info = SERVED.layers.get(self)
-        if info is None or torch.compiler.is_compiling():
+        # a subclass's apply calling its parent's (both wrapped) opens the gates once, in the outer call
+        if info is None or SERVED.open_layer is self or torch.compiler.is_compiling():
             return original(self, x, bias)
         gates = layer_gates(self, info, x)
         if gates is None:
             return original(self, x, bias)
-        outer, SERVED.open = SERVED.open, gates
+        SERVED.open, SERVED.open_layer = gates, self
         try:
             return original(self, x, bias)
         finally:
-            SERVED.open = outer
+            SERVED.open, SERVED.open_layer = None, None
 
     return apply
 
