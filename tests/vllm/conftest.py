@@ -127,7 +127,9 @@ def greedy(max_tokens: int):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def served_tokens(llm, models, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> list[list[int]]:
+def served_tokens(
+    llm, models, prompts: list[list[int]], adapters: list[str | None], max_tokens: int
+) -> list[list[int]]:
     from vllm.inputs import TokensPrompt
 
     outputs = llm.generate(

@@ -16,7 +16,7 @@ NEW_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def references(models):
-    return [reference_tokens(models, a, p, NEW_TOKENS) for p, a in zip(PROMPTS, ADAPTERS)]
+    return [reference_tokens(models, a, p, NEW_TOKENS) for p, a in zip(PROMPTS, ADAPTERS, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def llm(models):
 
 def test_the_adapters_change_the_tokens(models, references):
     """Guard of the comparisons below: every adapter's reference differs from the base model's tokens."""
-    for prompt, adapter, tokens in zip(PROMPTS, ADAPTERS, references):
+    for prompt, adapter, tokens in zip(PROMPTS, ADAPTERS, references, strict=True):
         if adapter is not None:
             assert tokens != reference_tokens(models, None, prompt, NEW_TOKENS), adapter
 
@@ -36,7 +36,7 @@ def test_mixed_batch_equals_transformers(llm, models, references):
 
 
 def test_each_request_alone_equals_transformers(llm, models, references):
-    for prompt, adapter, expected in zip(PROMPTS, ADAPTERS, references):
+    for prompt, adapter, expected in zip(PROMPTS, ADAPTERS, references, strict=True):
         assert served_tokens(llm, models, [prompt], [adapter], NEW_TOKENS) == [expected], adapter
 
 
@@ -52,7 +52,7 @@ def test_milora_routes_once_per_request_and_frees_it(llm, models, references, mo
     route = _hooks.route
     monkeypatch.setattr(_hooks, "route", counting_route)
     assert served_tokens(llm, models, PROMPTS, ADAPTERS, NEW_TOKENS) == references
-    milora_prompts = [len(p) for p, a in zip(PROMPTS, ADAPTERS) if a == "milora"]
+    milora_prompts = [len(p) for p, a in zip(PROMPTS, ADAPTERS, strict=True) if a == "milora"]
     blocks = 2
     assert sorted(calls) == sorted(milora_prompts * blocks)  # pooled over exactly the prompt's tokens
     assert len(_hooks.SERVED.routes.weights) <= len(milora_prompts)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .convert import ExpertGate, MoRGate, ServedAdapter, UnservableAdapter, convert, read_config
+from .convert import ExpertGate, MoRGate, ServedAdapter, UnservableAdapter, check_config, convert, read_config
 from .gates import LayerGates, Routes, StepLayout, expert_factors, route
 
 SUPPORTED_VLLM = ("0.32.0",)
@@ -352,6 +352,7 @@ def _wrap_validate_lora(original):
         config = read_config(get_adapter_absolute_path(lora_request.lora_path))
         if config is not None:
             try:
+                check_config(config)
                 check_engine(config, engine_settings(self.vllm_config), lora_request.lora_name)
                 check_rank(config, self.vllm_config.lora_config.max_lora_rank, lora_request.lora_name)
             except UnservableAdapter as error:

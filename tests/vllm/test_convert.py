@@ -1,0 +1,121 @@
+"""The served form of an adapter (LoRA matrices + gates) against float64 references of the methods' maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+import loramix
+from loramix.vllm.convert import ExpertGate, MoRGate, UnservableAdapter, convert
+from loramix.vllm.gates import LayerGates, StepLayout, expert_factors, route
+from tests.milora.reference import router_reference
+from tests.mor.reference import mor_linear_reference
+
+from .conftest import tiny_config
+
+PREFIX = "base_model.model."
+
+
+def _saved(tmp_path, config, seed=0):
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(tiny_config())
+    get_peft_model(base, config).save_pretrained(tmp_path)
+    return load_file(tmp_path / "adapter_model.safetensors")
+
+
+def _served_delta(served, module, x, gate=None):
+    """``expand(gate(shrink(x)))`` as vLLM computes it, in float64."""
+    a = served.tensors[f"{PREFIX}{module}.lora_A.weight"].double()
+    b = served.tensors[f"{PREFIX}{module}.lora_B.weight"].double()
+    buffer = x @ a.T
+    if gate is not None:
+        from loramix.vllm.gates import mor_gate_
+
+        mor_gate_(buffer, gate)
+    return buffer @ b.T
+
+
+@pytest.mark.parametrize("router", ["softmax", "mean"])
+def test_mor_served_form_equals_the_mixture(tmp_path, router):
+    config = loramix.MoRConfig(r=4, num_experts=3, lora_alpha=8, router=router, init_weights=False)
+    raw = _saved(tmp_path, config)
+    served = convert(str(tmp_path), tiny_config())
+    module = "model.layers.1.mlp.gate_proj"
+    p = {k.rsplit(".", 1)[-1]: v for k, v in raw.items() if k.startswith(f"{PREFIX}{module}.")}
+    x = torch.randn(5, 64, dtype=torch.float64)
+    expected = mor_linear_reference(
+        x, torch.zeros(96, 64), None, p["mor_A"], p["mor_B"], p["mor_omega_A"], p["mor_omega_B"],
+        p.get("mor_router"), scaling=2.0,
+    )  # fmt: skip
+    gate = served.gates.get(module)
+    assert (gate == MoRGate(3, 4)) if router == "softmax" else (gate is None)
+    assert served.rank == (3 * 4 + 3 if router == "softmax" else 4)
+    torch.testing.assert_close(_served_delta(served, module, x, gate), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_milora_routes_and_experts_equal_loramix(tmp_path):
+    config = loramix.MiLoRAConfig(r=4, top_k=2, lora_alpha=8, init_weights=False)
+    raw = _saved(tmp_path, config)
+    served = convert(str(tmp_path), tiny_config())
+    model = PeftModel.from_pretrained(LlamaForCausalLM(tiny_config()), tmp_path)
+    for block, router in served.routers.items():
+        loaded = model.base_model.model.model.layers[block].input_layernorm
+        assert router.experts == tuple(f"model.layers.{block}.{n}" for n in loaded.expert_names["default"])
+        hidden = torch.randn(1, 7, 64, dtype=torch.float64)
+        r = f"{PREFIX}model.layers.{block}.input_layernorm.milora_"
+        _, gates = router_reference(
+            hidden, None, "attention", raw[r + "pool_query"], "rational", raw[r + "router"], 2,
+            raw[r + "rational_num"], raw[r + "rational_den"],
+        )  # fmt: skip
+        torch.testing.assert_close(route(router, hidden[0]).double(), gates[0], rtol=1e-5, atol=1e-6)
+        for column, module in enumerate(router.experts):
+            assert served.gates[module] == ExpertGate(block, column)
+    module = "model.layers.0.self_attn.o_proj"
+    x = torch.randn(3, 64, dtype=torch.float64)
+    expected = 2.0 * x @ raw[f"{PREFIX}{module}.milora_A"].double().T @ raw[f"{PREFIX}{module}.milora_B"].double().T
+    torch.testing.assert_close(_served_delta(served, module, x), expected)
+
+
+def test_layer_gates_by_slot():
+    """Slot -1 rows are zeroed, MoR rows gated by their softmax, MiLoRA rows scaled per request, LoRA rows kept."""
+    torch.manual_seed(0)
+    buffer = torch.randn(1, 7, 16)
+    original = buffer.clone()
+    layout = StepLayout(
+        ("a", "b", "c"), counts=(2, 3, 2), computed=(0, 0, 5), prompt_lengths=(2, 3, 4), adapters=(7, 8, 9)
+    )
+    factors = expert_factors(layout, {1: torch.tensor([0.0, 0.25])}, 8, ExpertGate(0, 1), 7)
+    assert factors.tolist() == [0, 0, 0.25, 0.25, 0.25, 0, 0]
+    slots = torch.tensor([0, 0, 1, 1, 1, -1, -1])  # slot 0: MoR (N=2, r=3), slot 1: MiLoRA, -1: none
+    LayerGates(slots, [{0: MoRGate(2, 3), 1: factors}]).apply_(buffer)
+    probs = torch.softmax(original[0, :2, 6:8], dim=-1)
+    torch.testing.assert_close(buffer[0, :2, :6], original[0, :2, :6] * probs.repeat_interleave(3, dim=-1))
+    assert torch.all(buffer[0, :2, 6:8] == 0)
+    torch.testing.assert_close(buffer[0, :2, 8:], original[0, :2, 8:])
+    torch.testing.assert_close(buffer[0, 2:5], original[0, 2:5] * 0.25)
+    assert torch.all(buffer[0, 5:] == 0)
+
+
+def test_unservable_and_foreign_adapters(tmp_path):
+    (tmp_path / "dora").mkdir()
+    _saved(tmp_path / "dora", loramix.MiLoRAConfig(r=4, top_k=2, use_dora=True))
+    with pytest.raises(UnservableAdapter, match=r"use_dora.*MiDoRA"):
+        convert(str(tmp_path / "dora"), tiny_config())
+    (tmp_path / "lora").mkdir()
+    from peft import LoraConfig
+
+    _saved(tmp_path / "lora", LoraConfig(r=4, target_modules=["q_proj"]))
+    assert convert(str(tmp_path / "lora"), tiny_config()) is None  # plain LoRA: vLLM's own loader
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    _saved(tmp_path, loramix.MoRConfig(r=4, num_experts=2))
+    weights = tmp_path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):
+        convert(str(tmp_path), tiny_config())

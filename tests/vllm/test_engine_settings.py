@@ -1,0 +1,103 @@
+"""Engine settings: what is served exactly under chunked prefill, prefix caching and preemption, what is refused."""
+
+from __future__ import annotations
+
+import pytest
+from peft import get_peft_model
+from transformers import LlamaForCausalLM
+from vllm.exceptions import VLLMValidationError
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+
+import loramix
+from loramix.vllm import _hooks
+from loramix.vllm._hooks import EngineSettings, check_engine
+
+from .conftest import engine, reference_tokens, served_tokens
+
+LONG_PROMPTS = [list(range(10, 10 + n)) for n in (23, 17, 29, 11)]
+
+
+def test_mor_lora_and_base_under_chunked_prefill_and_prefix_caching(models):
+    """MoR gates each token on its own, so prompts split over steps and cached prefixes are served exactly."""
+    llm = engine(
+        models, enable_chunked_prefill=True, enable_prefix_caching=True, max_num_batched_tokens=16, max_num_seqs=4
+    )
+    adapters = ["mor", "lora", None, "mor"]
+    prompts = LONG_PROMPTS[:3] + [LONG_PROMPTS[0][:20] + [99, 98, 97]]  # the last shares a cached prefix
+    expected = [reference_tokens(models, a, p, 6) for p, a in zip(prompts, adapters, strict=True)]
+    assert served_tokens(llm, models, prompts, adapters, 6) == expected
+    assert served_tokens(llm, models, prompts, adapters, 6) == expected  # now from the prefix cache
+
+
+def test_milora_refused_under_chunked_prefill(models):
+    llm = engine(models, enable_chunked_prefill=True, enable_prefix_caching=False)
+    with pytest.raises(VLLMValidationError, match="--no-enable-chunked-prefill"):
+        served_tokens(llm, models, [[5, 6, 7]], ["milora"], 2)
+    assert served_tokens(llm, models, [[5, 6, 7]], ["mor"], 2) == [reference_tokens(models, "mor", [5, 6, 7], 2)]
+
+
+def test_milora_refused_with_prefix_caching(models):
+    llm = engine(models, enable_prefix_caching=True)
+    with pytest.raises(VLLMValidationError, match="--no-enable-prefix-caching"):
+        served_tokens(llm, models, [[5, 6, 7]], ["milora"], 2)
+
+
+def test_preempted_requests_are_recomputed_and_routed_the_same_way(models, monkeypatch):
+    """A KV cache too small for the batch: vLLM preempts requests and recomputes them from their prompt; MiLoRA
+    routes a recomputed request again, on its prompt only (the generated tokens are recomputed too)."""
+    calls = []
+    route = _hooks.route
+
+    def counting_route(router, hidden):
+        calls.append(hidden.shape[0])
+        return route(router, hidden)
+
+    monkeypatch.setattr(_hooks, "route", counting_route)
+    llm = engine(models, block_size=32, num_gpu_blocks_override=5, max_num_seqs=6)
+    adapters = ["milora", "mor", "milora", "lora", None, "milora"]
+    prompts = [list(range(20 + i, 40 + i)) for i in range(6)]
+    expected = [reference_tokens(models, a, p, 40) for p, a in zip(prompts, adapters, strict=True)]
+    assert served_tokens(llm, models, prompts, adapters, 40) == expected
+    assert set(calls) == {20}  # pooled over the prompt, never over generated tokens
+    assert len(calls) > 3 * 2, "no MiLoRA request was preempted: the test did not test recomputation"
+
+
+def test_rank_too_small_is_refused_with_the_rank_needed(models):
+    llm = engine(models, max_lora_rank=8)
+    with pytest.raises(VLLMValidationError, match=r"rank 15 .*--max-lora-rank of at least 15"):
+        served_tokens(llm, models, [[5, 6, 7]], ["mor"], 2)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (loramix.MiLoRAConfig(r=4, top_k=2, use_dora=True), "MiDoRA"),
+        (loramix.MiLoRAConfig(r=4, top_k=2, router_input="residual"), "router_input"),
+        (loramix.MoRConfig(r=4, num_experts=2, bias="mor_only"), "bias"),
+        (loramix.MoRConfig(r=4, num_experts=2, modules_to_save=["lm_head"]), "modules_to_save"),
+    ],
+)
+def test_unservable_settings_are_refused_by_name(models, default_engine, tmp_path, config, message):
+    get_peft_model(LlamaForCausalLM.from_pretrained(models["base"]), config).save_pretrained(tmp_path)
+    with pytest.raises(VLLMValidationError, match=message):
+        default_engine.generate(
+            [TokensPrompt(prompt_token_ids=[5, 6])], lora_request=LoRARequest("bad", 9, str(tmp_path))
+        )
+    # the engine is still serving
+    assert served_tokens(default_engine, models, [[5, 6, 7]], ["milora"], 2) == [
+        reference_tokens(models, "milora", [5, 6, 7], 2)
+    ]
+
+
+@pytest.fixture(scope="module")
+def default_engine(models):
+    return engine(models)
+
+
+def test_compiled_engines_are_refused():
+    """torch.compile / CUDA graphs would freeze the per-step Python routing into the captured graph."""
+    compiled = EngineSettings(eager=False, chunked_prefill=False, prefix_caching=False, max_lora_rank=16)
+    for method in ("MOR", "MILORA"):
+        with pytest.raises(ValueError, match="--enforce-eager"):
+            check_engine({"peft_type": method}, compiled, "a")
