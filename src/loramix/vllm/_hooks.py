@@ -57,6 +57,7 @@ class EngineSettings:
     chunked_prefill: bool
     prefix_caching: bool
     max_lora_rank: int
+    fully_sharded_loras: bool = False
 
 
 @dataclass
@@ -95,6 +96,7 @@ def engine_settings(vllm_config) -> EngineSettings:
         chunked_prefill=bool(vllm_config.scheduler_config.enable_chunked_prefill),
         prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
         max_lora_rank=int(vllm_config.lora_config.max_lora_rank),
+        fully_sharded_loras=bool(vllm_config.lora_config.fully_sharded_loras),
     )
 
 
@@ -106,6 +108,11 @@ def check_engine(config: dict, engine: EngineSettings, name: str) -> None:
         problems.append(
             "the engine compiles the model or captures CUDA graphs, which would freeze the per-step routing "
             "(pass --enforce-eager / enforce_eager=True)"
+        )
+    if engine.fully_sharded_loras:
+        problems.append(
+            "--fully-sharded-loras splits the rank buffer across GPUs, so a MoR router's logits and a token's "
+            "expert blocks would not be on one device (serve without it)"
         )
     if method == "MILORA" and engine.chunked_prefill:
         problems.append(
