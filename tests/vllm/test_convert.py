@@ -119,3 +119,14 @@ def test_tampered_weights_are_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="SHA-256 mismatch"):
         convert(str(tmp_path), tiny_config())
+
+
+def test_slices_without_gates_only_lose_their_no_adapter_rows():
+    """A fused layer whose slices vLLM does not name gets no gates (adapters targeting it are refused at load);
+    its buffers still have the rows of no adapter zeroed, in every slice."""
+    buffers = tuple(torch.randn(4, 8) for _ in range(3))
+    originals = [b.clone() for b in buffers]
+    LayerGates(torch.tensor([1, -1, 0, -1]), []).apply_(buffers)
+    for buffer, original in zip(buffers, originals, strict=True):
+        torch.testing.assert_close(buffer[[0, 2]], original[[0, 2]])
+        assert torch.all(buffer[[1, 3]] == 0)

@@ -95,12 +95,24 @@ def default_engine(models):
     return engine(models)
 
 
-def test_compiled_engines_are_refused():
-    """torch.compile / CUDA graphs would freeze the per-step Python routing into the captured graph."""
-    compiled = EngineSettings(eager=False, chunked_prefill=False, prefix_caching=False, max_lora_rank=16)
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"eager": False}, "--enforce-eager"),  # compiled graphs / CUDA graphs would freeze the per-step routing
+        ({"tensor_parallel_size": 2}, "--tensor-parallel-size 1"),
+        ({"v2_model_runner": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
+        ({"fully_sharded_loras": True}, "--fully-sharded-loras"),
+        ({"platform": "xpu"}, "not xpu"),
+    ],
+)
+def test_engine_settings_the_plugin_cannot_serve_exactly_are_refused(setting, message):
+    """Settings the CPU tests cannot exercise, refused for both methods by name (the check the intake and the
+    worker run); the default settings pass."""
+    fine = dict(eager=True, chunked_prefill=False, prefix_caching=False, max_lora_rank=16)
     for method in ("MOR", "MILORA"):
-        with pytest.raises(ValueError, match="--enforce-eager"):
-            check_engine({"peft_type": method}, compiled, "a")
+        check_engine({"peft_type": method}, EngineSettings(**fine), "a")
+        with pytest.raises(ValueError, match=message):
+            check_engine({"peft_type": method}, EngineSettings(**{**fine, **setting}), "a")
 
 
 def test_other_vllm_versions_are_refused(monkeypatch):

@@ -26,6 +26,7 @@ them. Nothing is stored on vLLM's objects.
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -42,7 +43,11 @@ _ROUTER_SITE = re.compile(r"\.(\d+)\.self_attn\.qkv_proj$")
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A linear LoRA layer: its module name, its slices' module names, the block it routes (qkv_proj)."""
+    """A linear LoRA layer: its module name, its slices' module names, the block it routes (qkv_proj).
+
+    ``slices`` is empty for a fused layer whose slices vLLM does not name (no packed-modules entry of that
+    length): such a layer gets no gates, and an adapter that targets it is refused at load.
+    """
 
     name: str
     slices: tuple[str, ...]
@@ -58,6 +63,9 @@ class EngineSettings:
     prefix_caching: bool
     max_lora_rank: int
     fully_sharded_loras: bool = False
+    tensor_parallel_size: int = 1
+    v2_model_runner: bool = False
+    platform: str = "cpu"
 
 
 @dataclass
@@ -66,8 +74,9 @@ class Served:
 
     adapters: dict[int, ServedAdapter] = field(default_factory=dict)
     layers: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
-    slot_ids: tuple[int | None, ...] = ()
-    present: frozenset[int] = frozenset()  # LoRA ids of this batch's tokens (0: no adapter)
+    # per Punica wrapper (vLLM keeps one per model part: language model, vision tower, connector):
+    # (LoRA id of each slot, LoRA ids of this batch's tokens with 0 for no adapter)
+    mappings: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     layout: StepLayout | None = None
     block_weights: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # block -> request -> w
     routes: Routes = field(default_factory=Routes)
@@ -97,7 +106,16 @@ def engine_settings(vllm_config) -> EngineSettings:
         prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
         max_lora_rank=int(vllm_config.lora_config.max_lora_rank),
         fully_sharded_loras=bool(vllm_config.lora_config.fully_sharded_loras),
+        tensor_parallel_size=int(vllm_config.parallel_config.tensor_parallel_size),
+        v2_model_runner=bool(vllm_config.use_v2_model_runner),
+        platform=_platform(),
     )
+
+
+def _platform() -> str:
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else str(current_platform)
 
 
 def check_engine(config: dict, engine: EngineSettings, name: str) -> None:
@@ -108,6 +126,19 @@ def check_engine(config: dict, engine: EngineSettings, name: str) -> None:
         problems.append(
             "the engine compiles the model or captures CUDA graphs, which would freeze the per-step routing "
             "(pass --enforce-eager / enforce_eager=True)"
+        )
+    if engine.platform not in ("cpu", "cuda"):
+        problems.append(f"the plugin is written for vLLM's CPU and CUDA LoRA paths, not {engine.platform}")
+    if engine.tensor_parallel_size > 1:
+        problems.append(
+            "tensor parallelism splits row-parallel layers' rank buffers into partial sums, so a MoR router's "
+            "softmax would see partial logits, and the plugin is tested on one device (serve with "
+            "--tensor-parallel-size 1)"
+        )
+    if engine.v2_model_runner:
+        problems.append(
+            "vLLM's V2 model runner (its default on CUDA with Triton) keeps requests where the plugin does not "
+            "read them (set VLLM_USE_V2_MODEL_RUNNER=0)"
         )
     if engine.fully_sharded_loras:
         problems.append(
@@ -182,7 +213,7 @@ def _route_block(block: int, x: torch.Tensor) -> None:
 
 def layer_gates(layer, info: LayerInfo, x: torch.Tensor) -> LayerGates | None:
     """The gates of ``layer`` for this step, or None when vLLM's own computation is exact as it is."""
-    present = SERVED.present
+    slot_ids, present = SERVED.mappings.get(layer.punica_wrapper, ((), frozenset()))
     loramix_ids = [i for i in present if i in SERVED.adapters]
     if not loramix_ids and 0 not in present:
         return None
@@ -200,7 +231,7 @@ def layer_gates(layer, info: LayerInfo, x: torch.Tensor) -> LayerGates | None:
             gate = SERVED.adapters[adapter_id].gates.get(name)
             if gate is None:
                 continue
-            slot = SERVED.slot_ids.index(adapter_id)
+            slot = slot_ids.index(adapter_id)
             if isinstance(gate, MoRGate):
                 gates[slot] = gate
             else:
@@ -253,8 +284,7 @@ def _wrap_add_expand(original):
 def _wrap_update_metadata(original):
     @functools.wraps(original)
     def update_metadata(self, mapping, lora_index_to_id, *args, **kwargs):
-        SERVED.slot_ids = tuple(lora_index_to_id)
-        SERVED.present = frozenset(max(int(i), 0) for i in mapping.index_mapping)
+        SERVED.mappings[self] = (tuple(lora_index_to_id), frozenset(max(int(i), 0) for i in mapping.index_mapping))
         return original(self, mapping, lora_index_to_id, *args, **kwargs)
 
     return update_metadata
@@ -271,11 +301,12 @@ def _wrap_create_lora_modules(original):
                 continue
             prefix, _, last = name.rpartition(".")
             packed = self.packed_modules_mapping.get(last) or []
-            slices = (
-                tuple(f"{prefix}.{p}" if prefix else p for p in packed)
-                if len(packed) == module.n_slices and len(packed) > 1
-                else (name,)
-            )
+            if module.n_slices == 1:
+                slices = (name,)
+            elif len(packed) == module.n_slices:
+                slices = tuple(f"{prefix}.{p}" if prefix else p for p in packed)
+            else:
+                slices = ()
             site = _ROUTER_SITE.search(name)
             SERVED.layers[module] = LayerInfo(name, slices, int(site.group(1)) if site else None)
         return result
@@ -312,7 +343,7 @@ def _wrap_load_adapter(original):
         mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
         mapper = None if mapper is None else mapper.get_rename_mapper()
         targets = {parse_fine_tuned_lora_name(k, mapper)[0] for k in served.tensors}
-        slice_names = {s for info in SERVED.layers.values() for s in info.slices}
+        slice_names = {s for info in SERVED.layers.values() for s in info.slices}  # the layers with gates
         unsupported = sorted(targets - slice_names)
         if unsupported:
             raise UnservableAdapter(
@@ -430,12 +461,11 @@ def install() -> None:
         if "apply" in cls.__dict__:
             cls.apply = _wrap_apply(cls.__dict__["apply"])
     wrappers = [punica_base.PunicaWrapperBase, punica_cpu.PunicaWrapperCPU]
-    try:
-        from vllm.lora.punica_wrapper import punica_gpu
-
-        wrappers.append(punica_gpu.PunicaWrapperGPU)
-    except ImportError:  # CPU builds
-        pass
+    for module, name in (("punica_gpu", "PunicaWrapperGPU"), ("punica_xpu", "PunicaWrapperXPU")):
+        try:  # absent from some builds; the plugin refuses XPU at load anyway
+            wrappers.append(getattr(importlib.import_module(f"vllm.lora.punica_wrapper.{module}"), name))
+        except (ImportError, AttributeError):
+            pass
     for cls in wrappers:
         if "add_expand" in cls.__dict__:
             cls.add_expand = _wrap_add_expand(cls.__dict__["add_expand"])

@@ -124,7 +124,7 @@ class LayerGates:
             rows = buffer[: slots.shape[0]]
             if bool(none.any()):
                 rows[none] = 0
-            for slot, gate in self.slices[s].items():
+            for slot, gate in (self.slices[s] if s < len(self.slices) else {}).items():
                 mask = slots == slot
                 if isinstance(gate, MoRGate):
                     selected = rows[mask]
