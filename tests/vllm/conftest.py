@@ -21,24 +21,23 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 import loramix  # noqa: E402
+from tests.tiny_models import tiny_llama_config  # noqa: E402
 
 VOCAB = 256
 ADAPTER_IDS = {"mor": 1, "milora": 2, "lora": 3, "mor_mean": 4}
 
 
 def tiny_config() -> LlamaConfig:
-    return LlamaConfig(
+    """The test suite's tiny LLaMA with head_dim 32 (hidden 64, 2 heads): vLLM's CPU attention needs >= 32."""
+    return tiny_llama_config(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=None,  # greedy runs to max_new_tokens in transformers too (vLLM: ignore_eos)
-        pad_token_id=0,
     )
 
 
