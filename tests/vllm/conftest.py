@@ -24,7 +24,7 @@ import loramix  # noqa: E402
 from tests.tiny_models import tiny_llama_config  # noqa: E402
 
 VOCAB = 256
-ADAPTER_IDS = {"mor": 1, "milora": 2, "lora": 3, "mor_mean": 4}
+ADAPTER_IDS = {"mor": 1, "milora": 2, "lora": 3, "mor_mean": 4, "mor_attention": 5}
 
 
 def tiny_config() -> LlamaConfig:
@@ -59,6 +59,10 @@ def adapter_configs() -> dict:
         "mor": loramix.MoRConfig(r=4, num_experts=3, init_weights=False),
         "mor_mean": loramix.MoRConfig(r=4, num_experts=3, router="mean", init_weights=False),
         "milora": loramix.MiLoRAConfig(r=4, top_k=3, init_weights=False),
+        # MoR on the attention projections: q, k, v are one fused qkv_proj in vLLM, each slice with its own gate
+        "mor_attention": loramix.MoRConfig(
+            r=2, num_experts=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_weights=False
+        ),
     }
 
 

@@ -90,6 +90,24 @@ def test_unservable_settings_are_refused_by_name(models, default_engine, tmp_pat
     ]
 
 
+def test_weights_that_fail_their_checksum_are_refused_at_intake(models, default_engine, tmp_path):
+    """Checked when the request names the adapter (hashed once per file version), so the engine never loads it."""
+    get_peft_model(
+        LlamaForCausalLM.from_pretrained(models["base"]), loramix.MoRConfig(r=4, num_experts=2)
+    ).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(VLLMValidationError, match="SHA-256 mismatch"):
+        default_engine.generate(
+            [TokensPrompt(prompt_token_ids=[5, 6])], lora_request=LoRARequest("bad", 8, str(tmp_path))
+        )
+    assert served_tokens(default_engine, models, [[5, 6, 7]], ["mor"], 2) == [
+        reference_tokens(models, "mor", [5, 6, 7], 2)
+    ]
+
+
 @pytest.fixture(scope="module")
 def default_engine(models):
     return engine(models)

@@ -8,9 +8,11 @@ from loramix.vllm import _hooks
 
 from .conftest import engine, reference_tokens, served_tokens
 
-# Different lengths, adapters mixed in one batch, the base model (no adapter) among them.
+# Different lengths, five adapters (one more than the engine's max_loras=4 slots: vLLM schedules the fifth when
+# a slot frees) and the base model (no adapter) among them.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24], [30, 31, 32, 33], [40, 41], [50, 51, 52]]
-ADAPTERS = ["mor", "milora", "lora", None, "mor_mean", "milora"]
+PROMPTS += [[80, 81, 82, 83, 84, 85]]
+ADAPTERS = ["mor", "milora", "lora", None, "mor_mean", "milora", "mor_attention"]
 NEW_TOKENS = 10
 
 

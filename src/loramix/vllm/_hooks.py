@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .convert import ExpertGate, MoRGate, ServedAdapter, UnservableAdapter, check_config, convert, read_config
+from .convert import (
+    ExpertGate,
+    MoRGate,
+    ServedAdapter,
+    UnservableAdapter,
+    check_config,
+    check_weights,
+    convert,
+    read_config,
+)
 from .gates import LayerGates, Routes, StepLayout, expert_factors, route
 
 SUPPORTED_VLLM = ("0.32.0",)
@@ -387,13 +396,15 @@ def _wrap_validate_lora(original):
         original(self, lora_request)
         if lora_request is None:
             return
-        config = read_config(get_adapter_absolute_path(lora_request.lora_path))
+        path = get_adapter_absolute_path(lora_request.lora_path)
+        config = read_config(path)
         if config is not None:
             try:
                 check_config(config)
+                check_weights(path, config)
                 check_engine(config, engine_settings(self.vllm_config), lora_request.lora_name)
                 check_rank(config, self.vllm_config.lora_config.max_lora_rank, lora_request.lora_name)
-            except UnservableAdapter as error:
+            except (UnservableAdapter, ValueError, FileNotFoundError) as error:
                 from vllm.exceptions import VLLMValidationError
 
                 raise VLLMValidationError(str(error)) from error

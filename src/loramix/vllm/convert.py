@@ -20,6 +20,7 @@ keyed by the base model's module names.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -120,6 +121,22 @@ def check_config(config: dict) -> None:
             f"This {method} adapter cannot be served by vLLM exactly: " + "; ".join(problems) + ". Serve it with "
             "transformers (PeftModel.generate) instead."
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_weights(path: str, weights_sha256: str | None, stamp: tuple) -> str | None:
+    return resolve_weights(path, weights_sha256)
+
+
+def check_weights(path: str, config: dict) -> None:
+    """Raise if the weights in ``path`` do not belong to ``config`` (``weights_sha256``); hashed once per file
+    version (size and modification time), so a server can check on every request."""
+    stamps = tuple(
+        (name, st.st_size, st.st_mtime_ns)
+        for name in ("adapter_model.safetensors", "adapter_model.bin")
+        if os.path.isfile(os.path.join(path, name)) and (st := os.stat(os.path.join(path, name)))
+    )
+    _checked_weights(path, config.get("weights_sha256"), stamps)
 
 
 def load_tensors(path: str, config: dict) -> dict[str, torch.Tensor]:
