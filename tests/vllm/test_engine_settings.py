@@ -11,7 +11,7 @@ from vllm.lora.request import LoRARequest
 
 import loramix
 from loramix.vllm import _hooks
-from loramix.vllm._hooks import EngineSettings, check_engine
+from loramix.vllm.refusals import EngineSettings, check_engine
 
 from .conftest import engine, reference_tokens, served_tokens
 
