@@ -1,13 +1,14 @@
 """Where loramix meets vLLM's internals: the one module that touches them (vLLM has no public LoRA extension API).
 
-Tested with the vLLM versions in :data:`SUPPORTED_VLLM`; :func:`install` refuses others. What it wraps, each
-wrapper calling the original:
+Tested with the vLLM versions in :data:`SUPPORTED_VLLM` (:func:`loramix.vllm.register` refuses others). What it
+wraps, each wrapper calling the original:
 
 * ``WorkerLoRAManager._load_adapter``: a loramix adapter directory is converted
   (:func:`loramix.vllm.convert.convert`) into PEFT-named LoRA tensors that vLLM's own loader packs into its
   fused modules (``qkv_proj``, ``gate_up_proj``); its gates are kept here, by LoRA id. Other adapters load as
-  before. Unservable settings are refused here, in the worker, and earlier, at request intake
-  (``InputProcessor._validate_lora``), with the same message.
+  before. What :mod:`loramix.vllm.refusals` and the converter refuse is refused here, in the worker, and
+  earlier, at request intake (``InputProcessor._validate_lora``: settings, rank, weights' SHA-256), with the
+  same message. ``LoRAModelRunnerMixin.load_lora_model`` records the engine settings those checks need.
 * ``LoRAModelManager._create_lora_modules``: records each linear LoRA layer's module name and, for fused
   layers, the names of its slices.
 * ``PunicaWrapper*.update_metadata``: records which LoRA id sits in which slot for this batch.
