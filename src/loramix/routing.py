@@ -50,7 +50,15 @@ from ._outputs import with_output_fields
 from .balance import balance_losses
 from .mixed_batch import AdapterRows, requested, rows_for_batch
 
-__all__ = ["RouterRecord", "RoutingSession", "adapter_rows", "capture_routing", "current_session", "subscribe"]
+__all__ = [
+    "RouterRecord",
+    "RoutingSession",
+    "adapter_rows",
+    "capture_routing",
+    "current_session",
+    "has_routing",
+    "subscribe",
+]
 
 _SESSION: contextvars.ContextVar[RoutingSession | None] = contextvars.ContextVar("loramix_session", default=None)
 _GENERATION: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loramix_generation", default=None)
@@ -411,6 +419,11 @@ def _hooked(model: nn.Module) -> nn.Module:
         if session_post_hook in module._forward_hooks.values():
             return module
     raise ValueError(f"{type(model).__name__} holds no loramix adapter (no MoR or MiLoRA layers were injected).")
+
+
+def has_routing(model: nn.Module) -> bool:
+    """Whether ``model`` holds a loramix adapter, i.e. its forward takes ``prompt_mask`` and routes."""
+    return any(session_post_hook in module._forward_hooks.values() for module in model.modules())
 
 
 class _Handle:
