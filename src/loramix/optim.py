@@ -1,0 +1,81 @@
+"""Optimizer parameter groups for loramix adapters: routers and MoR's Ω apart from the LoRA weights.
+
+A mixture adapter has three kinds of trainable parameters with different roles:
+
+* ``adapter``: the LoRA matrices (MoR's shared ``A``/``B``, MiLoRA's experts, DoRA magnitudes, and anything
+  else trainable, e.g. PEFT ``modules_to_save``);
+* ``router``: MoR's ``W_r``; MiLoRA's router, attention-pool query and rational-activation coefficients;
+* ``omega``: MoR's scaling vectors ``Ω_A``/``Ω_B``, multiplicative and initialised at 1.
+
+:func:`parameter_groups` returns them as torch optimizer groups with their own learning rate. Weight decay
+applies to the ``adapter`` group only: decaying ``Ω`` pulls it towards 0, not towards its neutral value 1,
+and decaying a router pulls it towards uniform routing. With ``transformers.Trainer``::
+
+    from loramix.optim import parameter_groups
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, lr=2e-4, router_lr=1e-3, weight_decay=0.01))
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
+
+(``None``: the Trainer builds its learning-rate schedule around the groups, scaling each one's rate.)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["GROUPS", "parameter_group_of", "parameter_groups"]
+
+GROUPS = ("adapter", "router", "omega")
+_ROUTER_PARTS = ("mor_router", "milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
+_OMEGA_PARTS = ("mor_omega_A", "mor_omega_B")
+
+
+def parameter_group_of(name: str) -> str:
+    """The group of a parameter from its qualified name: ``"router"``, ``"omega"`` or ``"adapter"``."""
+    parts = name.split(".")
+    if any(part in _ROUTER_PARTS for part in parts):
+        return "router"
+    if any(part in _OMEGA_PARTS for part in parts):
+        return "omega"
+    return "adapter"
+
+
+def parameter_groups(
+    model: nn.Module,
+    lr: float,
+    *,
+    router_lr: float | None = None,
+    omega_lr: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict]:
+    """The trainable parameters of ``model`` as optimizer groups ``{"params", "lr", "weight_decay", "name"}``.
+
+    Args:
+        model: any model; its parameters with ``requires_grad`` are grouped (each exactly once).
+        lr: learning rate of the ``adapter`` group, and of the others unless given.
+        router_lr: learning rate of the ``router`` group (default ``lr``).
+        omega_lr: learning rate of the ``omega`` group (default ``lr``).
+        weight_decay: weight decay of the ``adapter`` group; the ``router`` and ``omega`` groups get none.
+
+    Returns:
+        The non-empty groups, in the order ``adapter``, ``router``, ``omega``.
+    """
+    for label, value in (("lr", lr), ("router_lr", router_lr), ("omega_lr", omega_lr), ("weight_decay", weight_decay)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"`{label}` must be a number >= 0, got {value!r}.")
+    rates = {
+        "adapter": lr,
+        "router": lr if router_lr is None else router_lr,
+        "omega": lr if omega_lr is None else omega_lr,
+    }
+    members: dict[str, list] = {group: [] for group in GROUPS}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            members[parameter_group_of(name)].append(param)
+    if not any(members.values()):
+        raise ValueError(f"{type(model).__name__} has no trainable parameters to group.")
+    return [
+        {"params": members[g], "lr": rates[g], "weight_decay": weight_decay if g == "adapter" else 0.0, "name": g}
+        for g in GROUPS
+        if members[g]
+    ]
