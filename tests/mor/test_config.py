@@ -34,6 +34,7 @@ def test_paper_defaults():
         ({"router": "mean", "router_aux_loss_coef": 0.01}, ValueError, "router_aux_loss_coef"),
         ({"bias": "lora_only"}, ValueError, "bias"),
         ({"init_weights": "gaussian"}, ValueError, "init_weights"),
+        ({"omega_init_std": -0.1}, ValueError, "omega_init_std"),
         ({"layers_to_transform": [0, -1]}, ValueError, "layers_to_transform"),
         ({"layers_pattern": "layers"}, ValueError, "layers_pattern"),
         ({"task_type": "NOT_A_TASK"}, ValueError, "task type"),

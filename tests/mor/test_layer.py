@@ -119,6 +119,41 @@ def test_hand_computed_two_experts():
     assert layer(torch.tensor([[1.0]])).item() == pytest.approx(-2.0, abs=1e-6)
 
 
+def _router_gradient(layer: Linear) -> torch.Tensor:
+    """The router's gradient (float64) for a random loss once B is non-zero (as after a first step)."""
+    layer.double()
+    with torch.no_grad():
+        layer.mor_B["default"].normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(6, layer.in_features, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    target = torch.randn(6, layer.out_features, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ((layer(x) - target) ** 2).sum().backward()
+    return layer.mor_router["default"].grad
+
+
+def test_identical_experts_give_the_router_no_gradient():
+    # Ω = 1: every expert is the same function, so d loss / d logit_j = G_j (v_j - Σ_i G_i v_i) = 0 (up to the
+    # float32 rounding of the router softmax); distinct experts (omega_init_std) give it one.
+    gradients = {}
+    for std in (0.0, 0.5):
+        torch.manual_seed(0)
+        config = MoRConfig(r=4, num_experts=4, lora_dropout=0.0, omega_init_std=std)
+        gradients[std] = _router_gradient(Linear(nn.Linear(16, 8), "default", config)).abs().max().item()
+    assert gradients[0.5] > 1.0
+    assert gradients[0.0] < 1e-6 * gradients[0.5]
+
+
+def test_omega_init_std_starts_as_a_no_op_with_distinct_experts():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 256)
+    layer = Linear(base, "default", MoRConfig(r=8, num_experts=8, omega_init_std=0.3))
+    x = torch.randn(5, 64)
+    assert torch.equal(layer(x), base(x))  # B = 0
+    for omega in (layer.mor_omega_A["default"], layer.mor_omega_B["default"]):
+        values = omega.detach().double()
+        assert abs(values.mean().item() - 1.0) < 0.1 and abs(values.std().item() - 0.3) < 0.1
+        assert values.std(dim=0).min() > 0.01  # experts differ in every coordinate
+
+
 def test_fresh_adapter_is_a_no_op():
     torch.manual_seed(0)
     base = nn.Linear(16, 8)

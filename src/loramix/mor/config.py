@@ -51,6 +51,11 @@ class MoRConfig(LoramixConfig):
         init_weights (`bool`, defaults to `True`):
             ``True``: ``A`` kaiming-uniform, ``B`` zero, ``Ω`` ones, router ``N(0, 0.02)``: a fresh adapter is a
             no-op. ``False``: ``B`` and ``Ω`` random too (non-trivial outputs, for tests and debugging).
+        omega_init_std (`float`, defaults to 0.0):
+            With ``init_weights=True``: ``Ω_A`` and ``Ω_B`` start at ``1 + N(0, omega_init_std²)`` instead of exactly
+            1. At 1 every expert is the same function, so the router's gradient is zero and (with Adam) the experts
+            receive identical updates: they never become different. Noise breaks that symmetry; the adapter is
+            still a no-op at the start (``B = 0``).
         layers_to_transform (`list[int]` or `int`, *optional*):
             Only adapt the transformer blocks with these indices.
         layers_pattern (`list[str]` or `str`, *optional*):
@@ -120,6 +125,15 @@ class MoRConfig(LoramixConfig):
             )
         },
     )
+    omega_init_std: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "With init_weights=True, Ω_A and Ω_B start at 1 + N(0, omega_init_std^2) instead of 1: breaks the "
+                "symmetry of identical experts (whose router gets no gradient). B = 0 keeps the start a no-op."
+            )
+        },
+    )
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt the transformer blocks with these indices."}
     )
@@ -143,6 +157,7 @@ class MoRConfig(LoramixConfig):
         check_choice("router", self.router, ROUTERS)
         check_number("router_aux_loss_coef", self.router_aux_loss_coef, 0.0)
         check_choice("init_weights", self.init_weights, (True, False))
+        check_number("omega_init_std", self.omega_init_std, 0.0)
         check_choice("bias", self.bias, BIASES)
         check_layers_to_transform(self.layers_to_transform, self.layers_pattern)
         if self.router == "mean" and self.router_aux_loss_coef > 0:

@@ -63,12 +63,12 @@ class MoRLayer(BaseTunerLayer):
         self.mor_omega_B[adapter_name] = nn.Parameter(torch.empty(n, self.out_features))
         if config.router == "softmax":
             self.mor_router[adapter_name] = nn.Parameter(torch.empty(n, self.in_features))
-        self.reset_mor_parameters(adapter_name, config.init_weights)
+        self.reset_mor_parameters(adapter_name, config.init_weights, config.omega_init_std)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
-    def reset_mor_parameters(self, adapter_name: str, init_weights: bool) -> None:
+    def reset_mor_parameters(self, adapter_name: str, init_weights: bool, omega_init_std: float = 0.0) -> None:
         """Paper Table 2: A and router normal-ish, B zero, Ω ones (so MoR starts as a zero LoRA)."""
         nn.init.kaiming_uniform_(self.mor_A[adapter_name], a=math.sqrt(5))
         if adapter_name in self.mor_router:
@@ -77,6 +77,9 @@ class MoRLayer(BaseTunerLayer):
             nn.init.zeros_(self.mor_B[adapter_name])
             nn.init.ones_(self.mor_omega_A[adapter_name])
             nn.init.ones_(self.mor_omega_B[adapter_name])
+            if omega_init_std > 0:  # distinct experts from the start (MoRConfig.omega_init_std)
+                nn.init.normal_(self.mor_omega_A[adapter_name], mean=1.0, std=omega_init_std)
+                nn.init.normal_(self.mor_omega_B[adapter_name], mean=1.0, std=omega_init_std)
         else:
             nn.init.normal_(self.mor_B[adapter_name], std=0.1)
             nn.init.normal_(self.mor_omega_A[adapter_name], mean=1.0, std=0.5)
