@@ -49,8 +49,11 @@ def rational_reference(x, numerator, denominator):
     return p / (1.0 + q.abs())
 
 
-def router_reference(hidden, mask, pooler, query, activation, weight, top_k, numerator=None, denominator=None):
-    """Eq. 2-3: (probs, gates) of shape (B, N); gates keep p_i of the top-k experts, 0 elsewhere."""
+def router_reference(
+    hidden, mask, pooler, query, activation, weight, top_k, numerator=None, denominator=None, normalize=False
+):
+    """Eq. 2-3: (probs, gates) of shape (B, N); gates keep p_i of the top-k experts, 0 elsewhere
+    (``normalize``: p_i divided by the sum of the kept p_j)."""
     pooled = pool_reference(hidden, mask, pooler, query)
     if activation == "rational":
         pooled = rational_reference(pooled, numerator, denominator)
@@ -62,8 +65,9 @@ def router_reference(hidden, mask, pooler, query, activation, weight, top_k, num
     gates = torch.zeros_like(probs)
     for b in range(probs.shape[0]):
         order = sorted(range(probs.shape[1]), key=lambda i: -float(probs[b, i]))
+        kept = sum(float(probs[b, i]) for i in order[:top_k]) if normalize else 1.0
         for i in order[:top_k]:
-            gates[b, i] = probs[b, i]
+            gates[b, i] = probs[b, i] / kept
     return probs, gates
 
 

@@ -15,6 +15,7 @@ def test_defaults_are_the_papers():
     assert (config.r, config.lora_alpha, config.lora_dropout, config.top_k) == (32, 64, 0.05, 3)
     assert (config.pooler, config.activation, config.rational_order) == ("attention", "rational", (6, 5))
     assert config.router_aux_loss_coef == 1e-2 and config.use_dora is False and config.init_weights is True
+    assert config.normalize_gates is False
     assert config.peft_type == "MILORA" and config.scaling == 2.0
 
 
@@ -35,6 +36,7 @@ def test_default_targets_are_the_seven_llama_projections():
         (dict(lora_dropout=1.0), "lora_dropout"),
         (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef"),
         (dict(router_anchor=""), "router_anchor"),
+        (dict(normalize_gates="yes"), "normalize_gates"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):

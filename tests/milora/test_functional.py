@@ -99,6 +99,14 @@ def test_top_k_keeps_the_largest_probabilities_unnormalised():
     assert selected.sum() == 4 and torch.equal(selected, gates > 0)
 
 
+def test_top_k_normalized_divides_by_the_kept_sum():
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.05, 0.6, 0.15, 0.2]])
+    gates, selected = F.top_k_gates(probs, 2, normalize=True)
+    expected = torch.tensor([[0.0, 0.4 / 0.7, 0.0, 0.3 / 0.7], [0.0, 0.6 / 0.8, 0.0, 0.2 / 0.8]])
+    assert torch.allclose(gates, expected, atol=1e-7)
+    assert torch.equal(selected, expected > 0)
+
+
 def test_balance_loss_on_a_hand_made_batch():
     # 4 prompts, 3 experts: argmax -> experts 0, 0, 1, 2, so f = (1/2, 1/4, 1/4);
     # p̂ = (0.375, 0.325, 0.3); loss = 3 · (0.1875 + 0.08125 + 0.075) = 1.03125

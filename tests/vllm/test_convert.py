@@ -56,8 +56,9 @@ def test_mor_served_form_equals_the_mixture(tmp_path, router):
     torch.testing.assert_close(_served_delta(served, module, x, gate), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_milora_routes_and_experts_equal_loramix(tmp_path):
-    config = loramix.MiLoRAConfig(r=4, top_k=2, lora_alpha=8, init_weights=False)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_milora_routes_and_experts_equal_loramix(tmp_path, normalize):
+    config = loramix.MiLoRAConfig(r=4, top_k=2, lora_alpha=8, init_weights=False, normalize_gates=normalize)
     raw = _saved(tmp_path, config)
     served = convert(str(tmp_path), tiny_config())
     model = PeftModel.from_pretrained(LlamaForCausalLM(tiny_config()), tmp_path)
@@ -68,8 +69,9 @@ def test_milora_routes_and_experts_equal_loramix(tmp_path):
         r = f"{PREFIX}model.layers.{block}.input_layernorm.milora_"
         _, gates = router_reference(
             hidden, None, "attention", raw[r + "pool_query"], "rational", raw[r + "router"], 2,
-            raw[r + "rational_num"], raw[r + "rational_den"],
+            raw[r + "rational_num"], raw[r + "rational_den"], normalize,
         )  # fmt: skip
+        assert router.normalize_gates is normalize
         torch.testing.assert_close(route(router, hidden[0]).double(), gates[0], rtol=1e-5, atol=1e-6)
         for column, module in enumerate(router.experts):
             assert served.gates[module] == ExpertGate(block, column)

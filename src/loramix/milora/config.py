@@ -48,6 +48,9 @@ class MiLoRAConfig(LoramixConfig):
             Names or a regex of modules not to adapt, even if they match ``target_modules``.
         top_k (`int`, defaults to 3):
             Experts selected per prompt in each block (the paper: 3 of 7); at most the experts of every block.
+        normalize_gates (`bool`, defaults to `False`):
+            ``False`` (paper Eq. 3): a selected expert's update is weighted by its router probability ``p_i``
+            (about ``1/N`` at the start). ``True``: by ``p_i`` divided by the sum over the selected experts.
         pooler (`str`, defaults to `"attention"`):
             How the router summarises the prompt: ``"attention"`` (learnable attention pooling, paper Appendix C;
             starts as mean pooling), ``"mean"``, ``"last"`` (last prompt token), ``"max"``. Padding never enters it.
@@ -111,6 +114,15 @@ class MiLoRAConfig(LoramixConfig):
         default=None, metadata={"help": "Names or a regex of modules not to adapt, even if they match."}
     )
     top_k: int = field(default=3, metadata={"help": "Experts selected per prompt in each block (paper: 3 of 7)."})
+    normalize_gates: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "False (paper Eq. 3): a selected expert is weighted by its softmax probability p_i. True: by "
+                "p_i / (sum of the selected p_j), so the selected weights sum to 1."
+            )
+        },
+    )
     pooler: Literal["attention", "mean", "last", "max"] = field(
         default="attention",
         metadata={
@@ -190,6 +202,7 @@ class MiLoRAConfig(LoramixConfig):
         check_number("lora_alpha", self.lora_alpha, 0.0)
         check_number("lora_dropout", self.lora_dropout, 0.0, 1.0, open_max=True)
         check_int("top_k", self.top_k, 1)
+        check_choice("normalize_gates", self.normalize_gates, (True, False))
         check_choice("pooler", self.pooler, POOLERS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("router_input", self.router_input, ROUTER_INPUTS)

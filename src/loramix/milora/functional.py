@@ -5,7 +5,8 @@ Router of one transformer block (paper Eq. 2-3 and Appendix C), for a batch of p
     h      = Pooler(H)                  # (B, d) from the block's input hidden states H (B, T, d), normalized
     logits = g(h) W_r^T                 # (B, N): g = rational / gelu / relu / identity
     p      = softmax(logits)            # (B, N)
-    w      = Top-k(p)                   # p_i for the k largest, 0 elsewhere (not renormalised)
+    w      = Top-k(p)                   # p_i for the k largest, 0 elsewhere (paper: not renormalised;
+                                        #   normalize_gates=True: divided by their sum)
 
 ``H`` is taken after the block's input norm by default (``MiLoRAConfig.router_input``). Expert ``i``
 of the block (an ordinary LoRA, or DoRA for MiDoRA) then adds ``w_i · Δ_i(x)`` to its linear layer's
@@ -131,15 +132,19 @@ def activate(x: torch.Tensor, activation: str, numerator=None, denominator=None)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def top_k_gates(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_gates(probs: torch.Tensor, top_k: int, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``Top-k`` of Eq. 3: the router weights ``w`` (B, N) and the selection mask (B, N).
 
-    ``w_i = p_i`` for the ``k`` most probable experts and 0 for the others. The kept weights are *not*
-    renormalised: Eq. 3 applies Top-k to the softmax output, and keeping ``p_i`` lets the language-model
-    loss train the router through the gate values (with renormalisation and ``k = 1`` every gate would be
-    the constant 1 and only the balance loss would reach the router).
+    ``w_i = p_i`` for the ``k`` most probable experts and 0 for the others. By default the kept weights
+    are *not* renormalised: Eq. 3 applies Top-k to the softmax output, and keeping ``p_i`` lets the
+    language-model loss train the router through the gate values. Then each selected expert's update is
+    scaled by about ``1/N`` at the start (uniform router). ``normalize=True`` divides the kept weights by
+    their sum (``Σ w = 1``, as Mixtral's top-k; with ``k = 1`` every gate is the constant 1 and only the
+    balance loss reaches the router).
     """
     values, index = probs.topk(top_k, dim=-1)
+    if normalize:
+        values = values / values.sum(dim=-1, keepdim=True)
     gates = torch.zeros_like(probs).scatter(-1, index, values)
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
     return gates, selected

@@ -127,13 +127,22 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
     """
 
     adapter_layer_names = ("milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
-    other_param_names = ("top_k", "pooler", "activation", "router_input", "expert_names", "router_aux_loss_coef")
+    other_param_names = (
+        "top_k",
+        "normalize_gates",
+        "pooler",
+        "activation",
+        "router_input",
+        "expert_names",
+        "router_aux_loss_coef",
+    )
 
     def __init__(self, base_layer: nn.Module, hidden_size: int) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.hidden_size = hidden_size
         self.top_k: dict[str, int] = {}
+        self.normalize_gates: dict[str, bool] = {}
         self.pooler: dict[str, str] = {}
         self.activation: dict[str, str] = {}
         self.router_input: dict[str, str] = {}
@@ -163,6 +172,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
                 f"{list(expert_names)}). Lower top_k or target more modules."
             )
         self.top_k[adapter_name] = config.top_k
+        self.normalize_gates[adapter_name] = config.normalize_gates
         self.pooler[adapter_name] = config.pooler
         self.activation[adapter_name] = config.activation
         self.router_input[adapter_name] = config.router_input
@@ -223,7 +233,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
                 pooled = F_milora.activate(pooled, self.activation[name])
             logits = torch.nn.functional.linear(pooled, self.milora_router[name].float())
             probs = torch.softmax(logits, dim=-1)
-            gates, selected = F_milora.top_k_gates(probs, self.top_k[name])
+            gates, selected = F_milora.top_k_gates(probs, self.top_k[name], self.normalize_gates[name])
         return RoutingState(logits, probs, gates, selected)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -70,6 +70,7 @@ class BlockRouter:
     activation: str
     top_k: int
     experts: tuple[str, ...]
+    normalize_gates: bool = False  # MiLoRAConfig.normalize_gates
     query: torch.Tensor | None = None  # (d,), attention pooler
     numerator: torch.Tensor | None = None  # rational activation
     denominator: torch.Tensor | None = None
@@ -250,6 +251,7 @@ def convert_milora(config: dict, tensors: dict[str, torch.Tensor], hf_config: Pr
             activation=config["activation"],
             top_k=config["top_k"],
             experts=members,
+            normalize_gates=bool(config.get("normalize_gates", False)),
             query=p.get("pool_query"),
             numerator=p.get("rational_num"),
             denominator=p.get("rational_den"),

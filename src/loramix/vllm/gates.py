@@ -79,7 +79,7 @@ def route(router: BlockRouter, hidden: torch.Tensor) -> torch.Tensor:
         else:
             pooled = F_milora.activate(pooled, router.activation)
         probs = torch.softmax(torch.nn.functional.linear(pooled, router.weight.to(device)), dim=-1)
-        gates, _ = F_milora.top_k_gates(probs, router.top_k)
+        gates, _ = F_milora.top_k_gates(probs, router.top_k, router.normalize_gates)
     return gates.squeeze(0)
 
 
