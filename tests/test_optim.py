@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
+from loramix import MoRConfig
 from loramix.milora.layer import MiLoRARouter
 from loramix.mor.layer import MoRLayer
 from loramix.optim import parameter_groups
@@ -26,20 +27,33 @@ def _expected(model) -> dict[str, set[int]]:
         if isinstance(module, MiLoRARouter):
             for attr in module.adapter_layer_names:
                 router |= {id(p) for p in getattr(module, attr).values()}
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    return {"adapter": trainable - router - omega, "router": router, "omega": omega}
+    trainable = {id(p): p for p in model.parameters() if p.requires_grad}
+    others = {i for i in trainable if i not in router | omega}
+    vectors = {i for i in others if trainable[i].dim() == 1}
+    return {"adapter": others - vectors, "vectors": vectors, "router": router, "omega": omega}
 
 
-@pytest.mark.parametrize("method", ["mor", "milora"])
-def test_groups_partition_the_trainable_parameters(method):
-    model = peft_model(method)
+@pytest.mark.parametrize(
+    ("method", "overrides"),
+    [("mor", {}), ("mor", {"bias": "mor_only"}), ("milora", {}), ("milora", {"use_dora": True})],
+)
+def test_groups_partition_the_trainable_parameters(method, overrides):
+    model = peft_model(method, base=tiny_llama(0, mlp_bias=True), **overrides)  # biases: frozen unless bias=...
     groups = parameter_groups(model, 1e-3, router_lr=1e-2, omega_lr=5e-3, weight_decay=0.1)
     found = {g["name"]: {id(p) for p in g["params"]} for g in groups}
     expected = {k: v for k, v in _expected(model).items() if v}
     assert found == expected and all(expected.values())
-    settings = {"adapter": (1e-3, 0.1), "router": (1e-2, 0.0), "omega": (5e-3, 0.0)}
+    settings = {"adapter": (1e-3, 0.1), "vectors": (1e-3, 0.0), "router": (1e-2, 0.0), "omega": (5e-3, 0.0)}
+    assert ("vectors" in found) == bool(overrides)  # biases, DoRA magnitudes
     assert {g["name"]: (g["lr"], g["weight_decay"]) for g in groups} == {k: settings[k] for k in expected}
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_an_adapter_named_like_a_container_is_classified_by_its_layers():
+    base = tiny_llama()
+    model = get_peft_model(base, MoRConfig(r=4, num_experts=3), adapter_name="mor_router")
+    found = {g["name"]: {id(p) for p in g["params"]} for g in parameter_groups(model, 1e-3)}
+    assert found == {k: v for k, v in _expected(model).items() if v}
 
 
 def test_other_adapters_are_one_group():

@@ -69,6 +69,23 @@ def test_matches_each_request_alone(kind):
     _check(loglikelihood(model, REQUESTS, route_on="all", batch_size=3), references)
 
 
+class _NoPositions(torch.nn.Module):
+    """A causal LM whose forward takes no ``position_ids`` (so left padding would shift its positions)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_a_model_without_position_ids_is_scored_request_by_request():
+    model = tiny_llama(3)
+    references = [_alone(model, c, k) for c, k in REQUESTS]
+    _check(loglikelihood(_NoPositions(model), REQUESTS, batch_size=5), references)
+
+
 def test_greedy_flag_can_be_true():
     model = tiny_llama(3)
     context = [5, 9, 14]

@@ -2,14 +2,17 @@
 
 A mixture adapter has three kinds of trainable parameters with different roles:
 
-* ``adapter``: the LoRA matrices (MoR's shared ``A``/``B``, MiLoRA's experts, DoRA magnitudes, and anything
-  else trainable, e.g. PEFT ``modules_to_save``);
+* ``adapter``: the LoRA matrices (MoR's shared ``A``/``B``, MiLoRA's experts) and any other trainable
+  matrix (e.g. PEFT ``modules_to_save``);
+* ``vectors``: the other trainable vectors (DoRA magnitudes, trained biases), at the adapter's rate;
 * ``router``: MoR's ``W_r``; MiLoRA's router, attention-pool query and rational-activation coefficients;
 * ``omega``: MoR's scaling vectors ``Ω_A``/``Ω_B``, multiplicative and initialised at 1.
 
 :func:`parameter_groups` returns them as torch optimizer groups with their own learning rate. Weight decay
-applies to the ``adapter`` group only: decaying ``Ω`` pulls it towards 0, not towards its neutral value 1,
-and decaying a router pulls it towards uniform routing. With ``transformers.Trainer``::
+applies to the ``adapter`` group only: decaying ``Ω`` or a DoRA magnitude pulls it towards 0, not towards
+its starting value, and decaying a router pulls it towards uniform routing. Parameters are classified by
+the layer container that holds them (``mor_router``, ``mor_omega_A``, ...), not by their names. With
+``transformers.Trainer``::
 
     from loramix.optim import parameter_groups
 
@@ -23,21 +26,23 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["GROUPS", "parameter_group_of", "parameter_groups"]
+__all__ = ["GROUPS", "parameter_groups"]
 
-GROUPS = ("adapter", "router", "omega")
-_ROUTER_PARTS = ("mor_router", "milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
-_OMEGA_PARTS = ("mor_omega_A", "mor_omega_B")
+GROUPS = ("adapter", "vectors", "router", "omega")
+# the ParameterDicts of loramix's tuner layers that hold router and Ω parameters, per adapter
+ROUTER_CONTAINERS = ("mor_router", "milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
+OMEGA_CONTAINERS = ("mor_omega_A", "mor_omega_B")
 
 
-def parameter_group_of(name: str) -> str:
-    """The group of a parameter from its qualified name: ``"router"``, ``"omega"`` or ``"adapter"``."""
-    parts = name.split(".")
-    if any(part in _ROUTER_PARTS for part in parts):
-        return "router"
-    if any(part in _OMEGA_PARTS for part in parts):
-        return "omega"
-    return "adapter"
+def _containers(model: nn.Module, names: tuple[str, ...]) -> set[int]:
+    """The ids of the parameters held in ``ParameterDict`` attributes called ``names`` by any module."""
+    found: set[int] = set()
+    for module in model.modules():
+        for name in names:
+            container = getattr(module, name, None)
+            if isinstance(container, nn.ParameterDict):
+                found |= {id(p) for p in container.values()}
+    return found
 
 
 def parameter_groups(
@@ -52,26 +57,29 @@ def parameter_groups(
 
     Args:
         model: any model; its parameters with ``requires_grad`` are grouped (each exactly once).
-        lr: learning rate of the ``adapter`` group, and of the others unless given.
+        lr: learning rate of the ``adapter`` and ``vectors`` groups, and of the others unless given.
         router_lr: learning rate of the ``router`` group (default ``lr``).
         omega_lr: learning rate of the ``omega`` group (default ``lr``).
         weight_decay: weight decay of the ``adapter`` group; the ``router`` and ``omega`` groups get none.
 
     Returns:
-        The non-empty groups, in the order ``adapter``, ``router``, ``omega``.
+        The non-empty groups, in the order ``adapter``, ``vectors``, ``router``, ``omega``.
     """
     for label, value in (("lr", lr), ("router_lr", router_lr), ("omega_lr", omega_lr), ("weight_decay", weight_decay)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise ValueError(f"`{label}` must be a number >= 0, got {value!r}.")
     rates = {
         "adapter": lr,
+        "vectors": lr,
         "router": lr if router_lr is None else router_lr,
         "omega": lr if omega_lr is None else omega_lr,
     }
+    router, omega = _containers(model, ROUTER_CONTAINERS), _containers(model, OMEGA_CONTAINERS)
     members: dict[str, list] = {group: [] for group in GROUPS}
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            members[parameter_group_of(name)].append(param)
+            group = "router" if id(param) in router else "omega" if id(param) in omega else None
+            members[group or ("vectors" if param.dim() < 2 else "adapter")].append(param)
     if not any(members.values()):
         raise ValueError(f"{type(model).__name__} has no trainable parameters to group.")
     return [

@@ -16,7 +16,7 @@ context tokens only (the forward's ``prompt_mask``), and that routing is applied
 
 Rows are left-padded with explicit ``position_ids`` (so padding changes no position), in batches of
 similar length; only the logits of the continuation positions are computed when the model's forward
-takes ``logits_to_keep`` (transformers' decoder models do).
+takes ``logits_to_keep`` (transformers' decoder models do), and no KV cache is built.
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ def loglikelihood(
 
     Args:
         model: a causal LM (``PeftModel`` or plain ``transformers`` model) whose forward takes
-            ``input_ids``, ``attention_mask`` and ``position_ids``. It is used as it is (call ``eval()``
-            first; dropout would make scores random).
+            ``input_ids`` and ``attention_mask``; batches of several requests also need ``position_ids``
+            (without it each request is scored alone). It is used as it is (call ``eval()`` first;
+            dropout would make scores random).
         requests: ``(context_ids, continuation_ids)`` pairs of token ids, both non-empty.
         route_on: ``"context"``: MiLoRA routers pool over the context only (what ``generate`` and training
             do); ``"all"``: over context and continuation (one plain forward, what a harness that knows
@@ -106,6 +107,8 @@ def loglikelihood(
     _check(requests)
     routed = has_routing(model) and route_on == "context"
     keep_logits = _accepts(model, "logits_to_keep")
+    if not _accepts(model, "position_ids"):
+        batch_size = 1  # padding would shift the positions of the padded rows: score each request alone
     device = next(model.parameters()).device
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]) + len(requests[i][1]))
     results: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -114,7 +117,11 @@ def loglikelihood(
         rows = [(list(requests[i][0]), list(requests[i][1])) for i in chunk]
         ids, attention, positions, context = left_padded(rows, pad_token_id)
         width, tail = ids.shape[1], max(len(k) for _, k in rows)  # the continuation positions kept
-        kwargs = {"attention_mask": attention.to(device), "position_ids": positions.to(device)}
+        kwargs = {"attention_mask": attention.to(device)}
+        if batch_size > 1:
+            kwargs["position_ids"] = positions.to(device)
+        if _accepts(model, "use_cache"):
+            kwargs["use_cache"] = False  # no KV cache to build
         if routed:
             kwargs["prompt_mask"] = context.to(device)
         if keep_logits:
