@@ -23,7 +23,7 @@ PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 KEY_PACKAGES := torch transformers peft accelerate trl datasets bitsandbytes triton safetensors
 
-.PHONY: test test-oldest test-newest test-vllm install install-oldest install-newest install-vllm versions pin-newest ci demo lint clean
+.PHONY: test test-oldest test-newest test-vllm install install-oldest install-newest install-vllm versions pin-newest ci demo quality lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,11 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/quickstart.py
+
+# The quality benchmark (benchmarks/quality.py): about 30 minutes on 2 CPU cores with --quick.
+QUALITY_ARGS ?= --quick
+quality: $(VENV)/.demo-installed
+	$(BIN)/python benchmarks/quality.py $(QUALITY_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests examples benchmarks
