@@ -60,7 +60,7 @@ class Contender:
         self.decode_s: list[float] = []
         self.routings = 0
         self.reroute = reroute_on is not None
-        if self.reroute:  # the ablation: MiLoRA must not reuse the routing of its prompt (loramix.routing internals)
+        if self.reroute:  # the ablation: MiLoRA must not reuse the routing of its prompt (loramix.routing.session internals)
             from loramix import routing as routing_module
 
             def forget_routing(module, args, kwargs):
@@ -72,7 +72,7 @@ class Contender:
             reroute_on.register_forward_pre_hook(forget_routing, with_kwargs=True, prepend=True)
         self.context = None  # counts the forwards that routed (MiLoRA: once per generate, unless re-routing)
         if any(hasattr(m, "milora_router") for m in model.modules()):
-            from loramix.routing import subscribe
+            from loramix.routing.session import subscribe
 
             self.context = {"routed": 0}
             subscribe(model, lambda records, outputs: self.context.__setitem__("routed", self.context["routed"] + 1))

@@ -53,7 +53,7 @@ import loramix
 from _common import build_llama, command_line, machine_info, parser, print_header, write_json
 from loramix.analysis import router_statistics, summarize
 from loramix.optim import parameter_groups
-from loramix.routing import has_routing
+from loramix.routing.session import has_routing
 from loramix.scoring import left_padded, loglikelihood
 from quality_tasks import TASKS, Item, build_tasks
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     examples = [rows[0] for rows in test.values()]
     inputs = left_padded_prompts(tokenizer, examples)
-    with torch.no_grad(), loramix.routing.capture_routing(model) as records:  # what the routers chose
+    with torch.no_grad(), loramix.routing.session.capture_routing(model) as records:  # what the routers chose
         tokens = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     for example, row in zip(examples, tokens, strict=True):
         answer = tokenizer.decode(row[inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

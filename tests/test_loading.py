@@ -11,7 +11,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from loramix import MoRConfig
-from loramix._config_base import LORAMIX_FORMAT
+from loramix._tuner.config import LORAMIX_FORMAT
 from tests.methods import METHODS
 from tests.tiny_models import tiny_llama
 

@@ -1,4 +1,4 @@
-"""Mixed-adapter batches (``adapter_names=[...]``, ``loramix.mixed_batch``): every row equals that row run alone.
+"""Mixed-adapter batches (``adapter_names=[...]``, ``loramix.routing.mixed_batch``): every row equals that row run alone.
 
 The reference for a row is always the row run by itself (no padding, no other rows) with
 ``set_adapter(name)``, or with the adapter disabled for ``"__base__"``.
@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 
 from loramix import MiLoRAConfig, MoRConfig
 from loramix.milora import layer as milora_layer
-from loramix.routing import capture_routing
+from loramix.routing.session import capture_routing
 from tests.milora.common import CACHE, experts, left_pad, random_tokens, right_pad, wide_llama
 
 ATOL = 1e-5
@@ -205,7 +205,7 @@ def test_refusals(model, method, tmp_path):
 
 def test_beam_expansion_checks_that_rows_are_copies(model):
     """generate repeats each prompt for its beams; a forward whose rows are not such copies cannot be matched."""
-    from loramix.mixed_batch import Requested, rows_for_batch
+    from loramix.routing.mixed_batch import Requested, rows_for_batch
 
     ids = torch.stack([random_tokens(4, 1), random_tokens(4, 2), random_tokens(4, 3), random_tokens(4, 4)])
     with pytest.raises(ValueError, match="copies"):
@@ -394,7 +394,7 @@ def test_encoder_modules_to_save_outside_the_forward_refuse():
 
 
 def test_padding_fits_bounds_the_padding():
-    from loramix.mixed_batch import PADDING_BUDGET, padding_fits
+    from loramix.routing.mixed_batch import PADDING_BUDGET, padding_fits
 
     assert padding_fits([4, 4, 4], 2048)  # no padding
     assert padding_fits([4, 1, 3], 2048)  # 4 padded rows for 8 real ones

@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from loramix.routing import session_post_hook, session_pre_hook
+from loramix.routing.session import session_post_hook, session_pre_hook
 from tests.methods import METHODS
 from tests.tiny_models import tiny_llama
 

@@ -9,6 +9,7 @@ PEFT costs seconds, the loading itself milliseconds.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -111,8 +112,8 @@ LOADERS = {
     "import twice and reload": """
         import importlib
         import loramix
-        import loramix._registration
-        importlib.reload(loramix._registration)
+        import loramix._compat.peft
+        importlib.reload(loramix._compat.peft)
         importlib.reload(loramix)
         import loramix
         from peft import PeftModel
@@ -248,14 +249,22 @@ def test_registration_happens_once_at_import_and_configs_touch_nothing():
     assert json.loads(lines["afterwards"]) == []
 
 
-def test_only_the_registration_module_touches_peft_registries():
-    """The enum extension and PEFT's registration function are used in one module only."""
-    markers = ("extend_peft_type", "register_peft_method", "_member_map_", "_member_names_", "_value2member_map_")
-    offenders = [
-        f"{path.relative_to(REPO)}: {marker}"
-        for path in sorted((REPO / "src" / "loramix").rglob("*.py"))
-        if path.name != "_registration.py"
-        for marker in markers
-        if marker in path.read_text()
-    ]
+def test_only_the_fences_touch_other_libraries_internals():
+    """PEFT's registries, private names of PEFT / transformers / torch, and the patches of their classes appear in
+    the fence modules only (``loramix/_compat/``; vLLM's in ``loramix/vllm/_hooks.py``)."""
+    fences = {"_compat/peft.py", "_compat/transformers.py", "_compat/torch.py", "vllm/_hooks.py"}
+    markers = (
+        "extend_peft_type", "register_peft_method", "_member_map_", "_member_names_", "_value2member_map_",
+        "_forward_hooks", "_forward_pre_hooks", "_execution_engine", "AuxiliaryTrainingWrapper", "PeftAdapterMixin",
+        "keys_to_ignore_at_inference", "safe_save_file",
+    )  # fmt: skip
+    imports = re.compile(r"from (?:peft|transformers|torch|vllm)[\w.]* import (\([^)]*\)|[^\n]*)")
+    offenders = []
+    for path in sorted((REPO / "src" / "loramix").rglob("*.py")):
+        relative = path.relative_to(REPO / "src" / "loramix").as_posix()
+        if relative in fences:
+            continue
+        text = path.read_text()
+        offenders += [f"{relative}: {marker}" for marker in markers if re.search(rf"(?<!\w){marker}(?!\w)", text)]
+        offenders += [f"{relative}: {m.group(0)[:60]!r}" for m in imports.finditer(text) if re.search(r"\b_[a-z]", m[1])]
     assert not offenders, offenders

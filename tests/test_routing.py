@@ -1,4 +1,4 @@
-"""The routing session of both methods (``loramix.routing``): per call, every entry point, every output form."""
+"""The routing session of both methods (``loramix.routing.session``): per call, every entry point, every output form."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from loramix import MiLoRAConfig, MoRConfig
 from loramix import routing as routing_module
 from loramix.milora.layer import MiLoRARouter
-from loramix.routing import RoutingSession, capture_routing
+from loramix.routing.session import RoutingSession, capture_routing
 from tests.milora.common import left_pad, random_tokens, wide_llama
 from tests.milora.test_routing import count_routes, greedy_without_cache
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-import loramix._saving as saving
+import loramix._tuner.saving as saving
 from loramix import MoRConfig
 from tests.tiny_models import tiny_llama
 

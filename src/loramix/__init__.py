@@ -12,16 +12,19 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._registration import register
+from ._compat.peft import register
 from .milora import MiLoRAConfig, MiLoRAModel
+from .milora.method import METHOD as MILORA
 from .mor import MoRConfig, MoRModel
+from .mor.method import METHOD as MOR
 
 try:
     __version__ = version("loramix")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-register("mor", MoRConfig, MoRModel)
-register("milora", MiLoRAConfig, MiLoRAModel)
+# One line per method (its declaration: loramix/<method>/method.py).
+register(MOR)
+register(MILORA)
 
 __all__ = ["MiLoRAConfig", "MiLoRAModel", "MoRConfig", "MoRModel", "__version__"]

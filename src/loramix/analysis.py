@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .method import Method, method_of
 from .routing import subscribe
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
     "summarize",
 ]
 
-_DISPLAY = {"mor": "MoR", "milora": "MiLoRA"}
 ALL = "all"  # the key of the statistics over every row, whatever its task
 
 
@@ -130,7 +130,7 @@ class RoutingRecorder:
     """Accumulates router statistics from the forward passes of a loramix model.
 
     ``with RoutingRecorder(model) as rec: model(**batch)`` ... then ``rec.summary()``. It subscribes to the
-    records the routers write into each forward's :class:`~loramix.routing.RoutingSession` (no router is
+    records the routers write into each forward's :class:`~loramix.routing.session.RoutingSession` (no router is
     computed twice); forward passes re-run by activation checkpointing during backward record nothing, and
     decoding steps that reuse a prompt's routing neither. Padding (``attention_mask`` 0) is left out.
     Set ``rec.tasks`` to one label per sequence of the next batch for per-task statistics
@@ -145,9 +145,12 @@ class RoutingRecorder:
     def __init__(self, model: nn.Module, adapter_name: str | None = None, training_only: bool = False) -> None:
         self.model = model
         self.adapter_name, self.config = _peft_config(model, adapter_name)
-        self.method = str(getattr(self.config.peft_type, "value", self.config.peft_type)).lower()
-        if self.method not in ("mor", "milora"):
-            raise ValueError(f"router statistics are for loramix MoR and MiLoRA adapters, not {self.method!r}.")
+        method = method_of(self.config)
+        if method is None or method.router_view is None:
+            kind = str(getattr(self.config.peft_type, "value", self.config.peft_type)).lower()
+            raise ValueError(f"router statistics are for loramix adapters with routers, not {kind!r}.")
+        self.method: str = method.name
+        self._view = method.router_view
         self.training_only = training_only
         self.record_routing = True  # False: only aux_loss is recorded (the callback's steps in between)
         self.tasks: Sequence[str] | None = None
@@ -167,16 +170,12 @@ class RoutingRecorder:
             return self
         base = getattr(self.model, "base_model", self.model)
         root = getattr(base, "model", base)
-        attr = "mor_router" if self.method == "mor" else "milora_router"
-        self._names = {m: n for n, m in root.named_modules() if self.adapter_name in (getattr(m, attr, None) or {})}
-        if not self._names:
-            what = "learnable MoR router (router='mean' does not route)" if self.method == "mor" else "MiLoRA router"
-            raise ValueError(f"adapter {self.adapter_name!r} has no {what} in this model.")
-        if self.method == "mor":
-            self.expert_names = [f"E{i + 1}" for i in range(self.config.num_experts)]
-        else:  # per block: the router's name without its anchor
-            self._names = {m: n.rsplit(".", 1)[0] for m, n in self._names.items()}
-            self.expert_names = _milora_expert_names(self.model, self.adapter_name)
+        view = self._view
+        routers = {m: n for n, m in root.named_modules() if self.adapter_name in (getattr(m, view.param, None) or {})}
+        if not routers:
+            raise ValueError(f"adapter {self.adapter_name!r} has no {view.absent} in this model.")
+        self._names = {m: view.layer_name(n) for m, n in routers.items()}
+        self.expert_names = view.experts(next(iter(routers)), self.adapter_name, self.config)
         self._handle = subscribe(self.model, self._on_forward)
         return self
 
@@ -262,11 +261,11 @@ class RoutingRecorder:
         layers = list(self._layers)
         result: dict[str, Any] = {
             "method": self.method,
-            "unit": "token" if self.method == "mor" else "prompt",
+            "unit": self._view.unit,
             "adapter": self.adapter_name,
-            "num_experts": self.config.num_experts if self.method == "mor" else len(self.expert_names or []),
+            "num_experts": len(self.expert_names or []),
             "expert_names": list(self.expert_names or []),
-            "top_k": 1 if self.method == "mor" else getattr(self.config, "top_k", 1),
+            "top_k": self._view.top_k(self.config),
             "layers": layers,
         }
         result.update(_group(self._layers, layers, ALL))
@@ -292,13 +291,11 @@ def _group(layers: Mapping[str, _Accumulator], names: list[str], key: str) -> di
     }
 
 
-def _milora_expert_names(model: nn.Module, adapter_name: str) -> list[str]:
-    """The expert (module) names of MiLoRA's routers, e.g. ``["q_proj", ..., "down_proj"]``."""
-    for module in model.modules():
-        names = getattr(module, "expert_names", None)
-        if isinstance(names, dict) and adapter_name in names:
-            return [str(n) for n in names[adapter_name]]
-    return []
+def _method(stats: Mapping[str, Any]) -> Method:
+    method = method_of(stats["method"])
+    if method is None or method.router_view is None:
+        raise ValueError(f"statistics of an unknown method {stats['method']!r}; was its package imported?")
+    return method
 
 
 def router_statistics(
@@ -414,12 +411,12 @@ def plot_routing_heatmap(
     ax.set_xticks(range(len(experts)), experts, rotation=45 if len(max(experts, key=len)) > 3 else 0, ha="right")
     step = max(1, len(rows) // 40)
     ax.set_yticks(range(0, len(rows), step), [_short(n) for n, _ in rows][::step], fontsize=7)
-    ax.set_xlabel("expert" if stats["method"] == "mor" else "LoRA module")
+    ax.set_xlabel(_method(stats).router_view.expert_label)
     ax.set_ylabel("layer")
     label = {"usage": f"share of {stats['unit']}s routed (top-{stats['top_k']})", "mean_prob": "mean router weight"}
     fig.colorbar(image, ax=ax, label=label[value], fraction=0.05)
     scope = f" — task {task}" if task else ""
-    ax.set_title(title or f"{_DISPLAY.get(stats['method'], stats['method'])} routing per layer{scope}", fontsize=10)
+    ax.set_title(title or f"{_method(stats).display_name} routing per layer{scope}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -465,12 +462,12 @@ def plot_task_bars(
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(values))]
         ax.bar(xs, values, width=width, label=task)
     ax.set_xticks(range(len(experts)), experts)
-    ax.set_xlabel("expert" if stats["method"] == "mor" else "LoRA module")
+    ax.set_xlabel(_method(stats).router_view.expert_label)
     ax.set_ylabel({"usage": f"share of {stats['unit']}s routed", "mean_prob": "mean router weight"}[value])
     where = (
         "mean over layers" if layer == "mean" else "layer " + _short(names[layer] if isinstance(layer, int) else layer)
     )
-    ax.set_title(title or f"{_DISPLAY.get(stats['method'], stats['method'])} routing per task ({where})", fontsize=10)
+    ax.set_title(title or f"{_method(stats).display_name} routing per task ({where})", fontsize=10)
     top = max(max(pick(stats["tasks"][task][value])) for task in tasks)
     ax.set_ylim(0, top * 1.3 if top > 0 else 1)  # room for the legend above the bars
     ax.legend(fontsize=8, ncols=min(4, len(tasks)), loc="upper center")
@@ -483,11 +480,11 @@ def plot_task_bars(
 
 def plot_routing(stats: Mapping[str, Any], out_dir: str | Path, prefix: str = "routing") -> dict[str, Path]:
     """Write the heatmap (``<prefix>_heatmap.png``) and, with tasks, the per-task bars of the last layer
-    (``<prefix>_tasks.png``) into ``out_dir``; returns ``{"heatmap": path, "tasks": path}``. A MoR model
-    with more than 40 adapted layers gets one heatmap row per block (its first module kind)."""
+    (``<prefix>_tasks.png``) into ``out_dir``; returns ``{"heatmap": path, "tasks": path}``. A model with a router
+    per adapted module (MoR) and more than 40 of them gets one heatmap row per block (its first module kind)."""
     out_dir = Path(out_dir)
     modules = None
-    if stats["method"] == "mor" and len(stats["layers"]) > 40:
+    if _method(stats).router_view.per_module and len(stats["layers"]) > 40:
         # One row per block, like the paper's figures: keep one module kind (the first, e.g. gate_proj).
         modules = "." + stats["layers"][0].rsplit(".", 1)[-1]
     paths = {"heatmap": plot_routing_heatmap(stats, out_dir / f"{prefix}_heatmap.png", modules=modules)}

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .analysis import RoutingRecorder, summarize
+from loramix.analysis import RoutingRecorder, summarize
 
 __all__ = ["RouterAuxLossMixin", "RouterStatsCallback", "add_router_stats_callback", "with_router_aux_loss"]
 

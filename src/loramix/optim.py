@@ -5,13 +5,16 @@ A mixture adapter has three kinds of trainable parameters with different roles:
 * ``adapter``: the LoRA matrices (MoR's shared ``A``/``B``, MiLoRA's experts) and any other trainable
   matrix (e.g. PEFT ``modules_to_save``);
 * ``vectors``: the other trainable vectors (DoRA magnitudes, trained biases), at the adapter's rate;
-* ``router``: MoR's ``W_r``; MiLoRA's router, attention-pool query and rational-activation coefficients;
-* ``omega``: MoR's scaling vectors ``Ω_A``/``Ω_B``, multiplicative and initialised at 1.
+* ``router``: the routers (MoR's ``W_r``; MiLoRA's router, attention-pool query and rational-activation
+  coefficients);
+* ``omega``: multiplicative scaling vectors initialised near 1 (MoR's ``Ω_A``/``Ω_B``).
 
 :func:`parameter_groups` returns them as torch optimizer groups with their own learning rate. Weight decay
 applies to the ``adapter`` group only: decaying ``Ω`` or a DoRA magnitude pulls it towards 0, not towards
 its starting value, and decaying a router pulls it towards uniform routing. Parameters are classified by
-the layer container that holds them (``mor_router``, ``mor_omega_A``, ...), not by their names. With
+the layer container that holds them, as each method declares (``Method.router_params`` and ``scale_params``,
+:mod:`loramix.method`), not by their names: a method's new router parameter lands in the right group when its
+declaration lists it. With
 ``transformers.Trainer``::
 
     from loramix.optim import parameter_groups
@@ -26,12 +29,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from .method import registered_methods
+
 __all__ = ["GROUPS", "parameter_groups"]
 
 GROUPS = ("adapter", "vectors", "router", "omega")
-# the ParameterDicts of loramix's tuner layers that hold router and Ω parameters, per adapter
-ROUTER_CONTAINERS = ("mor_router", "milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
-OMEGA_CONTAINERS = ("mor_omega_A", "mor_omega_B")
 
 
 def _containers(model: nn.Module, names: tuple[str, ...]) -> set[int]:
@@ -74,7 +76,9 @@ def parameter_groups(
         "router": lr if router_lr is None else router_lr,
         "omega": lr if omega_lr is None else omega_lr,
     }
-    router, omega = _containers(model, ROUTER_CONTAINERS), _containers(model, OMEGA_CONTAINERS)
+    methods = list(registered_methods())
+    router = _containers(model, tuple(name for m in methods for name in m.router_params))
+    omega = _containers(model, tuple(name for m in methods for name in m.scale_params))
     members: dict[str, list] = {group: [] for group in GROUPS}
     for param in model.parameters():
         if param.requires_grad:

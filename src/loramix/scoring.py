@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .routing import has_routing
+from loramix.routing.session import has_routing
 
 __all__ = ["left_padded", "loglikelihood"]
 

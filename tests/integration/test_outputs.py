@@ -2,7 +2,7 @@
 
 * DistributedDataParallel (and ``torch.compile``) flatten model outputs as pytrees and rebuild them
   with ``type(outputs)(**fields)``: ``aux_loss`` (and ``router_logits``) must be real fields of the output
-  class (``loramix._outputs.with_output_fields`` makes them so).
+  class (``loramix._compat.transformers.with_output_fields`` makes them so).
 * FSDP reduce-scatters the gradients of every parameter of a shard on every rank, and DDP (without
   ``find_unused_parameters``) all-reduces them: with data-dependent routing, every trainable
   parameter must get a gradient (zeros for unselected experts), or the ranks' collectives differ

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from loramix import MiLoRAConfig
 from loramix.milora.layer import Linear, MiLoRARouter
-from loramix.routing import subscribe
+from loramix.routing.session import subscribe
 from tests.tiny_models import tiny_llama
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache`
@@ -36,7 +36,7 @@ _LATEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def watch(model):
-    """Keep the latest routing record of every router of ``model`` (a ``loramix.routing`` subscription)."""
+    """Keep the latest routing record of every router of ``model`` (a ``loramix.routing.session`` subscription)."""
     names = {module: name for name, module in model.named_modules()}
     latest: dict[tuple[str, str], object] = {}
 

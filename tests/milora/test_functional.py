@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramix.balance import switch_balance_loss
+from loramix.routing.balance import switch_balance_loss
 from loramix.milora import functional as F
 from tests.milora.reference import (
     balance_reference,

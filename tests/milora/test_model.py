@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from loramix import MiLoRAConfig
 from loramix.milora.layer import Linear, MiLoRARouter
-from loramix.routing import session_post_hook, session_pre_hook
+from loramix.routing.session import session_post_hook, session_pre_hook
 from tests.milora.common import SEVEN, experts, left_pad, logits, milora_model, random_tokens, routers, wide_llama
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loramix.milora.layer import MiLoRARouter
-from loramix.routing import build_pool_mask
+from loramix.routing.session import build_pool_mask
 from tests.milora.common import (
     CACHE,
     experts,

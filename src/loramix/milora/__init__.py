@@ -5,8 +5,8 @@ once per prompt and the choice is reused for every generated token. Not the "min
 components" MiLoRA (arXiv 2406.09044).
 """
 
-from .config import MiLoRAConfig
-from .layer import Linear, MiLoRARouter, MiLoRATunerLayer
-from .model import MiLoRAModel
+from loramix.milora.config import MiLoRAConfig
+from loramix.milora.layer import Linear, MiLoRARouter, MiLoRATunerLayer
+from loramix.milora.model import MiLoRAModel
 
 __all__ = ["Linear", "MiLoRAConfig", "MiLoRAModel", "MiLoRARouter", "MiLoRATunerLayer"]

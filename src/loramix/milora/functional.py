@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import kernels
+from loramix import kernels
 
 POOLERS = ("attention", "mean", "last", "max")
 ACTIVATIONS = ("rational", "gelu", "relu", "identity")
@@ -148,6 +148,45 @@ def top_k_gates(probs: torch.Tensor, top_k: int, normalize: bool = False) -> tup
     gates = torch.zeros_like(probs).scatter(-1, index, values)
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
     return gates, selected
+
+
+def route(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    router_weight: torch.Tensor,
+    *,
+    pooler: str,
+    activation: str,
+    top_k: int,
+    normalize_gates: bool = False,
+    query: torch.Tensor | None = None,
+    numerator: torch.Tensor | None = None,
+    denominator: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router of one block (paper Eq. 2-3): ``Top-k(softmax(g(Pooler(H)) W_r^T))`` for prompts ``hidden``.
+
+    ``hidden`` (B, T, d) are the block inputs, ``mask`` (B, T) the tokens that may enter the pool (``None``:
+    all), ``router_weight`` ``W_r`` (N, d); ``query`` is the attention pooler's ``W_sa`` and
+    ``numerator``/``denominator`` the rational activation's coefficients. Returns ``(logits, probs, gates,
+    selected)``, each (B, N): logits and probabilities, the router weights ``w`` and the selection mask.
+
+    The one implementation of MiLoRA's routing: the tuner's router layer and the vLLM plugin both call it, so a
+    served request routes as ``PeftModel.generate`` routes it. Computed in float32 with autocast off (the rational
+    activation evaluates x^6, and float16 logits of large hidden states overflow); the parameters are moved to
+    ``hidden``'s device.
+    """
+    device = hidden.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        h = hidden.float()
+        pooled = pool(h, mask, pooler, None if query is None else query.to(device).float())
+        if activation == "rational":
+            pooled = rational(pooled, numerator.to(device).float(), denominator.to(device).float())
+        else:
+            pooled = activate(pooled, activation)
+        logits = F.linear(pooled, router_weight.to(device).float())
+        probs = torch.softmax(logits, dim=-1)
+        gates, selected = top_k_gates(probs, top_k, normalize_gates)
+    return logits, probs, gates, selected
 
 
 def gated_lora(x, out, lora_A, lora_B, rows, factor, dropout=None) -> torch.Tensor:

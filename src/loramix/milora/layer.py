@@ -3,9 +3,11 @@
 Both live inside the model's module tree as ordinary PEFT tuner layers, so PEFT's save/load,
 ``set_adapter``, ``disable_adapter``, ``delete_adapter``, ``requires_grad`` handling, dtype casts and
 ``unload`` — and transformers' ``model.load_adapter``, which keeps no tuner object — cover them with
-no special code. Routers and experts share nothing but the forward's
-:class:`~loramix.routing.RoutingSession`: the router of a block puts its decision there, and the
-block's experts, which run after it, read it.
+no special code. Each expert is given a reference to its block's router when the router is attached
+(``Linear.block_router``, as VeRA hands its shared tensors to its layers); the routing itself belongs to the
+forward, not to the modules (threads share the model): the router puts it in the forward's
+:class:`~loramix.routing.RoutingSession` under its own key, and the block's experts, which run after it, read
+it there through their router.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .. import kernels
-from ..balance import attach_pending
-from ..mixed_batch import padding_fits
-from ..routing import RouterRecord, RoutingSession, adapter_rows, current_session
-from . import functional as F_milora
-from .config import MiLoRAConfig
+from loramix import kernels
+from loramix.routing.balance import attach_pending
+from loramix.routing.mixed_batch import padding_fits
+from loramix.routing.session import RouterRecord, RoutingSession, adapter_rows, current_session
+from loramix.milora import functional as F_milora
+from loramix.milora.config import MiLoRAConfig
 
 
 class RoutingState:
@@ -100,14 +102,18 @@ class GroupedExperts:
         return len(states) == len(self.states) and all(a is b for a, b in zip(states, self.states, strict=True))
 
 
+MERGE_ERROR = (
+    "MiLoRA adapters cannot be merged: the router selects the experts of every block per prompt, so no single "
+    "weight matrix reproduces the adapter for all prompts. Keep the adapter unmerged (routing costs one router call "
+    "per block per prompt), or use `unload()` to get the base model back without the adapter."
+)
+
+
 class MiLoRATunerLayer(BaseTunerLayer):
     """Common base of :class:`MiLoRARouter` and :class:`Linear` (the tuner's ``tuner_layer_cls``)."""
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise ValueError(
-            "MiLoRA adapters cannot be merged: the router picks the experts per prompt, so no single weight matrix "
-            "reproduces the adapter. Keep it unmerged, or use `unload()` to get the base model back."
-        )
+        raise ValueError(MERGE_ERROR)
 
     def unmerge(self) -> None:
         warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
@@ -214,26 +220,25 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
     def route(self, adapter_name: str, hidden: torch.Tensor, mask: torch.Tensor | None) -> RoutingState:
         """The routing of ``adapter_name`` for hidden states ``(B, T, d)`` pooled over ``mask`` (B, T).
 
-        Runs in float32 with autocast off: the rational activation evaluates x^6, and float16 logits of
-        large hidden states overflow.
+        The maths is :func:`loramix.milora.functional.route` (float32, autocast off).
         """
         if hidden.dim() != 3:
             raise ValueError(
                 f"MiLoRA routers expect block inputs of shape (batch, seq, hidden), got {tuple(hidden.shape)}."
             )
         name = adapter_name
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            h = hidden.float()
-            query = self.milora_pool_query[name].float() if name in self.milora_pool_query else None
-            pooled = F_milora.pool(h, mask, self.pooler[name], query)
-            if self.activation[name] == "rational":
-                num, den = self.milora_rational_num[name].float(), self.milora_rational_den[name].float()
-                pooled = F_milora.rational(pooled, num, den)
-            else:
-                pooled = F_milora.activate(pooled, self.activation[name])
-            logits = torch.nn.functional.linear(pooled, self.milora_router[name].float())
-            probs = torch.softmax(logits, dim=-1)
-            gates, selected = F_milora.top_k_gates(probs, self.top_k[name], self.normalize_gates[name])
+        logits, probs, gates, selected = F_milora.route(
+            hidden,
+            mask,
+            self.milora_router[name],
+            pooler=self.pooler[name],
+            activation=self.activation[name],
+            top_k=self.top_k[name],
+            normalize_gates=self.normalize_gates[name],
+            query=self.milora_pool_query[name] if name in self.milora_pool_query else None,
+            numerator=self.milora_rational_num[name] if name in self.milora_rational_num else None,
+            denominator=self.milora_rational_den[name] if name in self.milora_rational_den else None,
+        )
         return RoutingState(logits, probs, gates, selected)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -243,7 +248,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
         session = current_session()
         for name, rows in adapter_rows(session, self.active_adapters, self.milora_router, x):
             state = self._routing(session, name, result if self.router_input[name] == "normalized" else x, rows)
-            session.block[name] = state  # for the block's experts, which run next
+            session.routing[(self, name)] = state  # for the block's experts (Linear.block_router), which run next
             result = attach_pending(session, self, name, state.probs, result)
         return result
 
@@ -294,7 +299,7 @@ class Linear(nn.Module, MiLoRATunerLayer):
     """
 
     adapter_layer_names = ("milora_A", "milora_B", "milora_magnitude")
-    other_param_names = ("r", "lora_alpha", "scaling", "milora_dropout", "expert_index")
+    other_param_names = ("r", "lora_alpha", "scaling", "milora_dropout", "expert_index", "block_router")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MiLoRAConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -302,7 +307,9 @@ class Linear(nn.Module, MiLoRATunerLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.expert_index: dict[str, int] = {}
+        self.expert_index: dict[str, int] = {}  # per adapter: this expert's column in its block router's choice
+        # per adapter: the router of this expert's block (a reference, not a submodule; set by the tuner)
+        self.block_router: dict[str, MiLoRARouter] = {}
         self.milora_dropout = nn.ModuleDict({})
         self.milora_A = nn.ParameterDict({})
         self.milora_B = nn.ParameterDict({})
@@ -354,9 +361,10 @@ class Linear(nn.Module, MiLoRATunerLayer):
                 norm = norm * (1.0 + 0.2 * torch.randn_like(norm))
             magnitude.copy_(norm.to(magnitude.dtype))
 
-    @staticmethod
-    def _block_routing(session: RoutingSession | None, name: str, x: torch.Tensor) -> RoutingState:
-        state = None if session is None else session.block.get(name)
+    def _block_routing(self, session: RoutingSession | None, name: str, x: torch.Tensor) -> RoutingState:
+        """The routing of this expert's block for adapter ``name`` in this forward (its router ran first)."""
+        router = self.block_router.get(name)
+        state = None if session is None or router is None else session.routing.get((router, name))
         if state is None:
             raise RuntimeError(
                 f"MiLoRA expert (adapter '{name}') ran before its block's router chose the experts. MiLoRA experts "

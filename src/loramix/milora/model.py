@@ -19,17 +19,12 @@ from peft.tuners.tuners_utils import (
 from peft.utils.integrations import init_empty_weights
 from torch import nn
 
-from .._registration import _maybe_include_all_linear_layers
-from .._tuner import LoramixTunerMixin
-from ..constants import TRANSFORMERS_MODELS_TO_BLOCK_TARGET_MODULES, TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR
-from .config import MiLoRAConfig
-from .layer import Linear, MiLoRARouter, MiLoRATunerLayer
+from loramix._compat.peft import resolve_all_linear
+from loramix._tuner.tuner import LoramixTunerMixin
+from loramix.constants import TRANSFORMERS_MODELS_TO_BLOCK_TARGET_MODULES, TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR
+from loramix.milora.config import MiLoRAConfig
+from loramix.milora.layer import MERGE_ERROR, Linear, MiLoRARouter, MiLoRATunerLayer
 
-MERGE_ERROR = (
-    "MiLoRA adapters cannot be merged: the router selects the experts of every block per prompt, so no single "
-    "weight matrix reproduces the adapter for all prompts. Keep the adapter unmerged (routing costs one router call "
-    "per block per prompt), or use `unload()` to get the base model back without the adapter."
-)
 
 
 def _block_of(model: nn.Module, key: str, anchor: str) -> str | None:
@@ -48,7 +43,7 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
     Use it through PEFT: ``get_peft_model(model, MiLoRAConfig(...))``. Every targeted linear layer
     becomes a LoRA expert (:class:`~loramix.milora.layer.Linear`); the module named ``router_anchor``
     of each block that holds experts (LLaMA: ``input_layernorm``) is wrapped by the block's router
-    (:class:`~loramix.milora.layer.MiLoRARouter`). Each forward's :class:`~loramix.routing.RoutingSession`
+    (:class:`~loramix.milora.layer.MiLoRARouter`). Each forward's :class:`~loramix.routing.session.RoutingSession`
     decides when to route and on which tokens:
 
     * a forward that does not continue a KV cache routes on its input: the tokens of ``prompt_mask``
@@ -69,24 +64,15 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
     prefix: str = "milora_"
     tuner_layer_cls = MiLoRATunerLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_BLOCK_TARGET_MODULES
+    linear_cls = Linear
 
     # ------------------------------------------------------------------------------------------------------------
     # injection
     # ------------------------------------------------------------------------------------------------------------
 
     def _prepare_adapter_config(self, peft_config: MiLoRAConfig, model_config: dict) -> MiLoRAConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
         model_type = model_config.get("model_type")
-        if peft_config.target_modules is None:
-            if model_type not in self.target_module_mapping:
-                linear_names = sorted(
-                    {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
-                )
-                raise ValueError(
-                    f"MiLoRAConfig.target_modules is not set and loramix has no default block projections for "
-                    f"model_type={model_type!r}. Set `target_modules` to the nn.Linear names of a transformer block; "
-                    f"this model's linear layers are named: {linear_names}."
-                )
-            peft_config.target_modules = set(self.target_module_mapping[model_type])
         if peft_config.router_anchor is None:
             if model_type not in TRANSFORMERS_MODELS_TO_MILORA_ROUTER_ANCHOR:
                 raise ValueError(
@@ -100,7 +86,7 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
 
     def _prepare_model(self, peft_config: MiLoRAConfig, model: nn.Module) -> None:
         """Check, before anything is replaced, that every block can be routed (errors name the field)."""
-        _maybe_include_all_linear_layers(peft_config, model)  # resolve "all-linear" now (PEFT does it later)
+        resolve_all_linear(peft_config, model)
         inside = [key + "." for key, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
         targets = [
             key
@@ -145,31 +131,9 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
                     )
         return blocks
 
-    def _create_and_replace(
-        self,
-        peft_config: MiLoRAConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-    ) -> None:
-        if isinstance(target, Linear):
-            target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
-            return
-        if isinstance(target, MiLoRARouter) or target_name == peft_config.router_anchor:
-            return  # a router key in a loaded state dict: routers are attached in inject_adapter
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise TypeError(
-                f"MiLoRA can only adapt torch.nn.Linear layers, but target module '{current_key}' is a "
-                f"{type(base).__name__}. Remove it from `target_modules`."
-            )
-        new_module = Linear(target, adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
-        self._replace_module(parent, target_name, new_module, target)
+    def _skip_target(self, target: nn.Module, target_name: str, peft_config: MiLoRAConfig) -> bool:
+        # a router key in a loaded state dict: routers are attached in inject_adapter
+        return isinstance(target, MiLoRARouter) or target_name == peft_config.router_anchor
 
     def _finish_injection(self, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
         with init_empty_weights() if low_cpu_mem_usage else nullcontext():
@@ -194,6 +158,7 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
                 if size is None:
                     raise ValueError(f"MiLoRA cannot tell the hidden size of block '{block}' for its router.")
                 router = MiLoRARouter(anchor, size)
+                # the router takes the anchor's place in the block, as PEFT's layers take their base layer's
                 setattr(block_module, config.router_anchor, router)
                 anchor = router
             anchor.update_layer(adapter_name, config, names, self.active_adapters, config.inference_mode)
@@ -205,6 +170,7 @@ class MiLoRAModel(LoramixTunerMixin, BaseTuner):
                         container[adapter_name] = container[adapter_name].to(device)
             for index, key in enumerate(keys):
                 experts[key].expert_index[adapter_name] = index  # its column in the router's choice
+                experts[key].block_router[adapter_name] = anchor
 
     # ------------------------------------------------------------------------------------------------------------
     # merging, unloading, generation

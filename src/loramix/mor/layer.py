@@ -10,11 +10,21 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..balance import attach_pending
-from ..mixed_batch import padding_fits
-from ..routing import RouterRecord, adapter_rows, current_session
-from .config import MoRConfig
-from .functional import MoRDropout, grouped_mor, mor_delta_weight, mor_linear
+from loramix.routing.balance import attach_pending
+from loramix.routing.mixed_batch import padding_fits
+from loramix.routing.session import RouterRecord, adapter_rows, current_session
+from loramix.mor.config import MoRConfig
+from loramix.mor.functional import MoRDropout, grouped_mor, mor_delta_weight, mor_linear
+
+
+def routed_merge_error(adapter_names: list[str]) -> str:
+    """Why adapters with a learnable router cannot be merged (the one wording of that refusal)."""
+    return (
+        f"Cannot merge MoR adapter(s) {adapter_names}: the softmax router makes the update depend on each token "
+        "(ΔW(x) = Σ_i G_i(x)·...), so no single weight matrix reproduces it. Merging is exact only with "
+        "num_experts=1 or router='mean'. Use `unload()` to get the base model back, or keep the adapter unmerged. "
+        "Nothing was merged."
+    )
 
 
 class MoRLayer(BaseTunerLayer):
@@ -98,11 +108,7 @@ class MoRLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW`` (d_out x d_in) of an input-independent adapter; raises for a routed one."""
         if not self.is_input_independent(adapter_name):
-            raise ValueError(
-                f"Cannot merge MoR adapter '{adapter_name}': its softmax router makes the update depend on each "
-                "token (ΔW(x) = Σ_i G_i(x)·...), so no single weight matrix reproduces it. Merging is exact only with "
-                "num_experts=1 or router='mean'. Use `unload()` to remove the adapter, or keep it unmerged."
-            )
+            raise ValueError(routed_merge_error([adapter_name]))
         return mor_delta_weight(
             self.mor_A[adapter_name],
             self.mor_B[adapter_name],
@@ -117,11 +123,7 @@ class MoRLayer(BaseTunerLayer):
         names = [name for name in adapter_names if name in self.mor_A and name not in self.merged_adapters]
         routed = [name for name in names if not self.is_input_independent(name)]
         if routed:
-            return (
-                f"Cannot merge MoR adapter(s) {routed}: the softmax router makes the update depend on each token "
-                "(ΔW(x) = Σ_i G_i(x)·...), so no single weight matrix reproduces it. Merging is exact only with "
-                "num_experts=1 or router='mean'. Use `unload()` to remove the adapter, or keep it unmerged."
-            )
+            return routed_merge_error(routed)
         weight = self.get_base_layer().weight
         if names and not weight.dtype.is_floating_point:
             return (

@@ -1,7 +1,7 @@
 """The router balance loss of both methods, and its gradient under reentrant activation checkpointing.
 
 The Switch-Transformer loss (:func:`switch_balance_loss`) is computed per router from the records of
-a :class:`~loramix.routing.RoutingSession` (MoR: per token, MoR paper §3.3; MiLoRA: per prompt,
+a :class:`~loramix.routing.session.RoutingSession` (MoR: per token, MoR paper §3.3; MiLoRA: per prompt,
 MiLoRA paper Eq. 4-5) and averaged over the routers of each adapter (:func:`balance_losses`).
 
 With ``use_reentrant=True``, ``torch.utils.checkpoint`` runs the first forward of a checkpointed block

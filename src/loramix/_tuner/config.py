@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -35,36 +36,86 @@ from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 from peft.utils.peft_types import PeftType
 
-from ._saving import atomic_write_bytes, file_sha256, finish_save, resolve_weights, weights_of_this_save
+from loramix._tuner.validation import check_choice, check_int, check_layers_to_transform, check_number
+from loramix._tuner.saving import atomic_write_bytes, file_sha256, finish_save, resolve_weights, weights_of_this_save
 
 # Bump when a saved adapter could not be loaded correctly by an older loramix.
 LORAMIX_FORMAT = 1
 
 
+def config_field(default: Any, help: str) -> Any:
+    """A config field whose ``help`` is its one documentation (the ``Args:`` of the class docstring is built from
+    it by :func:`document_fields`)."""
+    return field(default=default, metadata={"help": help})
+
+
+def shared_field(name: str, default: Any) -> Any:
+    """A field of :class:`LoramixConfig` with another default for one method; its help stays the shared one."""
+    return config_field(default, LoramixConfig.__dataclass_fields__[name].metadata["help"])
+
+
+def document_fields(cls: type) -> type:
+    """Class decorator: append an ``Args:`` section, built from the fields' help, to the config's docstring (the
+    fields of PEFT's own ``PeftConfig`` are documented by PEFT)."""
+    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    lines = ["", "    Args:"]
+    for f in dataclasses.fields(cls):
+        if f.name in peft_fields:
+            continue
+        default = "*optional*" if f.default is None else f"defaults to `{f.default!r}`"
+        lines.append(f"        {f.name} (`{f.type}`, {default}):")
+        lines += [f"            {line}" for line in textwrap.wrap(f.metadata.get("help", ""), 104)]
+    cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n" + "\n".join(lines) + "\n"
+    return cls
+
+
 @dataclass
 class LoramixConfig(PeftConfig):
-    """Base of the loramix configs (not used directly).
+    """Base of the loramix configs (not used directly): the fields and checks every method shares.
 
-    Args:
-        loramix_format (`int`):
-            Version of the adapter format, written into ``adapter_config.json``; set automatically, do not edit.
-            A config from a newer loramix (a higher number) is refused.
-        weights_sha256 (`str`, *optional*):
-            SHA-256 of the weights file saved with this config; set by ``save_pretrained``, checked on loading.
+    A method's config subclasses it, adds its own fields (each documented once, by its ``help``) and may give a
+    shared field another default with :func:`shared_field`.
     """
 
     # Name of the method's member of PEFT's ``PeftType`` enum (added by ``import loramix``); set by subclasses.
     PEFT_TYPE_NAME: ClassVar[str] = ""
 
-    loramix_format: int = field(
-        default=LORAMIX_FORMAT, metadata={"help": "Adapter format version; set automatically, do not edit."}
+    r: int = config_field(8, "Rank `r` of the LoRA matrices `A` (r x d_in) and `B` (d_out x r).")
+    lora_alpha: float = config_field(32, "LoRA scaling: every update is multiplied by `lora_alpha / r`.")
+    lora_dropout: float = config_field(
+        0.05, "Dropout probability on the input of `A` (a router sees the input without dropout)."
     )
-    weights_sha256: str | None = field(
-        default=None,
-        metadata={
-            "help": "SHA-256 of the weights file (adapter_model.safetensors or .bin) saved with this config; set by "
-            "save_pretrained."
-        },
+    target_modules: list[str] | str | None = config_field(
+        None,
+        "Names (suffix match) or a regex of the `nn.Linear` modules to adapt. Default: the method's modules for the "
+        "architecture, from `loramix.constants`.",
+    )
+    exclude_modules: list[str] | str | None = config_field(
+        None, "Names or a regex of modules not to adapt, even if they match `target_modules`."
+    )
+    layers_to_transform: list[int] | int | None = config_field(
+        None, "Only adapt the transformer blocks with these indices."
+    )
+    layers_pattern: list[str] | str | None = config_field(
+        None, "Name of the module list holding the blocks (e.g. 'layers'); only with `layers_to_transform`."
+    )
+    modules_to_save: list[str] | None = config_field(
+        None, "Modules besides the adapter to train fully and save with it (e.g. a classification head)."
+    )
+    init_weights: bool = config_field(
+        True,
+        "True: `A` kaiming-uniform and `B` zero, so a fresh adapter leaves the model unchanged (routers start near "
+        "uniform). False: `B` and the routers random too (non-trivial outputs, for tests and debugging).",
+    )
+    loramix_format: int = config_field(
+        LORAMIX_FORMAT,
+        "Version of the adapter format, written into adapter_config.json; set automatically, do not edit. A config "
+        "from a newer loramix (a higher number) is refused.",
+    )
+    weights_sha256: str | None = config_field(
+        None,
+        "SHA-256 of the weights file (adapter_model.safetensors or .bin) saved with this config; set by "
+        "save_pretrained, checked on loading.",
     )
 
     def __post_init__(self) -> None:
@@ -79,6 +130,20 @@ class LoramixConfig(PeftConfig):
                 f"This adapter was saved by a newer loramix (adapter format {self.loramix_format}; this installation "
                 f"reads format {LORAMIX_FORMAT}). Upgrade loramix: `pip install -U loramix`."
             )
+        check_int("r", self.r, 1)
+        check_number("lora_alpha", self.lora_alpha, 0.0)
+        check_number("lora_dropout", self.lora_dropout, 0.0, 1.0, open_max=True)
+        check_choice("init_weights", self.init_weights, (True, False))
+        check_layers_to_transform(self.layers_to_transform, self.layers_pattern)
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scaling ``lora_alpha / r``."""
+        return self.lora_alpha / self.r
 
     @classmethod
     def _registered_peft_type(cls) -> PeftType:

@@ -25,7 +25,7 @@ MiLoRA routes once per prompt. Its routing is reused (the routers do not run) wh
 
 A forward that continues a non-empty cache whose routing is unknown raises; it never re-routes.
 
-In a mixed-adapter batch (``adapter_names=[...]``, :mod:`loramix.mixed_batch`) the session also holds
+In a mixed-adapter batch (``adapter_names=[...]``, :mod:`loramix.routing.mixed_batch`) the session also holds
 the adapter of each row (:attr:`RoutingSession.rows`), and :func:`adapter_rows` tells each layer which
 adapters to apply to which rows. A cache keeps the row adapters it was computed with; continuing it
 with others raises.
@@ -39,16 +39,18 @@ import inspect
 import weakref
 from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Cache
 
-from ._outputs import with_output_fields
-from .balance import balance_losses
-from .mixed_batch import AdapterRows, requested, rows_for_batch
+from loramix._compat.torch import has_forward_hook, queue_backward_callback, remove_forward_hooks
+
+from loramix._compat.transformers import with_output_fields
+from loramix.routing.balance import balance_losses
+from loramix.routing.mixed_batch import AdapterRows, requested, rows_for_batch
 
 __all__ = [
     "RouterRecord",
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 _SESSION: contextvars.ContextVar[RoutingSession | None] = contextvars.ContextVar("loramix_session", default=None)
-_GENERATION: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loramix_generation", default=None)
+_GENERATION: contextvars.ContextVar[GenerationCall | None] = contextvars.ContextVar("loramix_generation", default=None)
 # KV cache object -> the routing of the prompt it holds, {(router, adapter): state}; gone with the cache.
 _CACHE_ROUTING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # KV cache object -> the adapter of each row it was computed with (None: the active adapters on every row)
@@ -70,6 +72,21 @@ _CACHE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SUBSCRIBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _UNSET = object()
 _CACHE_NAMES = ("past_key_values", "cache")  # only to refuse legacy tuple caches; Cache objects are found by type
+
+
+@dataclass
+class GenerationCall:
+    """What the forwards of one call (a ``generate``) share; set by the first forward, read by the later ones.
+
+    ``routing``: the routing decided by the first forward, ``{(router, adapter): state}``, reused by every later
+    forward (``None`` until a forward routed). ``rows``: the adapter of each row of a mixed-adapter batch, built
+    once. ``scratch``: what layers derive from the routing for the whole call (e.g. MiLoRA's grouped expert
+    weights of a mixed-adapter batch).
+    """
+
+    routing: dict[tuple[nn.Module, str], Any] | None = None
+    rows: AdapterRows | None = None
+    scratch: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,9 +148,12 @@ class RoutingSession:
     :attr:`reuse` (routing to reuse, ``{(router, adapter): state}``, or ``None``) and
     :attr:`continues_cache` (the input continues a KV cache), :attr:`rows` (mixed-adapter batches). Written by
     the layers: :attr:`scratch` (derived data kept for the later forwards of the call), :meth:`record`,
-    :attr:`decisions` (this forward's MiLoRA routing per router) and :attr:`block` (the routing of the
-    block being computed, per adapter). :attr:`pending` holds balance-loss terms whose gradient is
-    delivered when reentrant activation checkpointing re-runs a layer (:mod:`loramix.balance`).
+    :attr:`decisions` (this forward's routing per router and adapter, kept for later forwards) and
+    :attr:`routing` (the routing each router computed or took in this pass, read by the layers it routes —
+    also when activation checkpointing re-runs a block). :attr:`pending` holds balance-loss terms whose
+    gradient is delivered when reentrant activation checkpointing re-runs a layer (:mod:`loramix.routing.balance`).
+
+    :meth:`enter` makes the session current (the model's pre-hook), :meth:`exit` closes it (the post-hook).
     """
 
     def __init__(
@@ -164,11 +184,26 @@ class RoutingSession:
         # grouped weights for a mixed-adapter batch; dropped with the call
         self.scratch: dict[Any, Any] = {} if scratch is None else scratch
         self.decisions: dict[tuple[nn.Module, str], Any] = {}
-        self.block: dict[str, Any] = {}
+        self.routing: dict[tuple[nn.Module, str], Any] = {}
         self.records: list[RouterRecord] = []
         self.pending: dict[tuple[nn.Module, str], Any] = {}
         self.closed = False
         self._pool: Any = _UNSET
+        self._token: contextvars.Token | None = None  # set while the session is current (enter .. exit)
+
+    def enter(self) -> None:
+        """Make this session the current one of this thread (the forward starts)."""
+        self._token = _SESSION.set(self)
+
+    def exit(self) -> bool:
+        """End the forward: the session is no longer current, and is closed (re-runs record nothing). Returns
+        False if it was not current (nothing done)."""
+        if self._token is None:
+            return False
+        _SESSION.reset(self._token)
+        self._token = None
+        self.closed = True
+        return True
 
     def _fits(self, mask: Any) -> bool:
         return isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == (self.shape or (None,))[0]
@@ -222,7 +257,7 @@ def current_session() -> RoutingSession | None:
 @contextmanager
 def generation_routing() -> Iterator[None]:
     """Within this context every forward reuses the routing of the first one (one ``generate`` call)."""
-    token = _GENERATION.set({})
+    token = _GENERATION.set(GenerationCall())
     try:
         yield
     finally:
@@ -254,20 +289,19 @@ def session_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
             "transformers Cache object the model returned."
         )
     rows = _rows_of(inputs, generation)
-    if generation is not None and "routing" in generation:
-        reuse, continues = generation["routing"], True
+    if generation is not None and generation.routing is not None:
+        reuse, continues = generation.routing, True
     elif _cache_length(cache) > 0:
         reuse, continues = _CACHE_ROUTING.get(cache), True
         _check_cache_rows(cache, rows)
     else:
         reuse, continues = None, False
-    scratch = None if generation is None else generation.setdefault("scratch", {})
-    session = RoutingSession(inputs, reuse, continues, rows, scratch)
-    session._token = _SESSION.set(session)
+    scratch = None if generation is None else generation.scratch
+    RoutingSession(inputs, reuse, continues, rows, scratch).enter()
     return args, kwargs
 
 
-def _rows_of(inputs: dict[str, Any], generation: dict | None) -> AdapterRows | None:
+def _rows_of(inputs: dict[str, Any], generation: GenerationCall | None) -> AdapterRows | None:
     """The row adapters of this forward: those of the call's first forward (one ``generate``), else built now."""
     request = requested()
     if request is None:
@@ -275,11 +309,11 @@ def _rows_of(inputs: dict[str, Any], generation: dict | None) -> AdapterRows | N
     tokens = inputs.get("input_ids")
     tokens = tokens if isinstance(tokens, torch.Tensor) else inputs.get("inputs_embeds")
     tokens = tokens if isinstance(tokens, torch.Tensor) else None
-    rows = None if generation is None else generation.get("rows")
+    rows = None if generation is None else generation.rows
     if rows is None:
         rows = rows_for_batch(request, tokens, inputs.get("attention_mask"))
         if generation is not None:
-            generation["rows"] = rows
+            generation.rows = rows
     if tokens is not None:
         rows.check_batch(tokens.shape[0], "this forward")
     return rows
@@ -307,11 +341,8 @@ def _check_cache_rows(cache: Any, rows: AdapterRows | None) -> None:
 
 def session_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
     session = _SESSION.get()
-    if session is None or getattr(session, "_token", None) is None:
+    if session is None or not session.exit():
         return None
-    _SESSION.reset(session._token)
-    session._token = None
-    session.closed = True
     if output is None:  # the forward raised (the hook runs anyway, to close the session)
         return None
     generation = _GENERATION.get()
@@ -320,8 +351,8 @@ def session_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any)
         if cache is not None:
             _CACHE_ROUTING[cache] = session.decisions
             _CACHE_ROWS[cache] = None if session.rows is None else session.rows.names
-        if generation is not None and "routing" not in generation and (session.decisions or session.rows):
-            generation["routing"] = session.decisions
+        if generation is not None and generation.routing is None and (session.decisions or session.rows):
+            generation.routing = session.decisions
     if not session.records:
         return None
     output = _finish_outputs(module, session, output, kwargs.get("labels"))
@@ -373,7 +404,7 @@ def _resumable(session: RoutingSession, output: Any) -> Any:
 def _resume(session: RoutingSession, grad_outputs: Any) -> None:
     if _SESSION.get() is not session:
         token = _SESSION.set(session)
-        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_restore, token))
+        queue_backward_callback(functools.partial(_restore, token))
 
 
 def _restore(token: contextvars.Token) -> None:
@@ -398,32 +429,27 @@ def _positional_names(cls: type) -> tuple[str, ...]:
 
 def install_session_hooks(model: nn.Module) -> None:
     """Put the session hooks on the adapted model (idempotent)."""
-    if session_pre_hook not in model._forward_pre_hooks.values():
+    if not has_forward_hook(model, session_pre_hook):
         model.register_forward_pre_hook(session_pre_hook, with_kwargs=True)
-    if session_post_hook not in model._forward_hooks.values():
+    if not has_forward_hook(model, session_post_hook):
         model.register_forward_hook(session_post_hook, with_kwargs=True, always_call=True)
 
 
 def remove_session_hooks(model: nn.Module) -> None:
     """Undo :func:`install_session_hooks` (``unload``)."""
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key in [k for k, fn in hooks.items() if fn in (session_pre_hook, session_post_hook)]:
-            del hooks[key]
-            for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_with_kwargs):
-                extra.pop(key, None)
-            getattr(model, "_forward_hooks_always_called", {}).pop(key, None)
+    remove_forward_hooks(model, (session_pre_hook, session_post_hook))
 
 
 def _hooked(model: nn.Module) -> nn.Module:
     for module in model.modules():
-        if session_post_hook in module._forward_hooks.values():
+        if has_forward_hook(module, session_post_hook):
             return module
     raise ValueError(f"{type(model).__name__} holds no loramix adapter (no MoR or MiLoRA layers were injected).")
 
 
 def has_routing(model: nn.Module) -> bool:
     """Whether ``model`` holds a loramix adapter, i.e. its forward takes ``prompt_mask`` and routes."""
-    return any(session_post_hook in module._forward_hooks.values() for module in model.modules())
+    return any(has_forward_hook(module, session_post_hook) for module in model.modules())
 
 
 class _Handle:

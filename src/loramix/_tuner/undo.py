@@ -48,10 +48,6 @@ class ModelState:
         contents = {k: v.copy() for k, v in attributes.items() if type(v) in _CONTAINERS}
         self._saved.append((obj, attributes, contents))
 
-    def is_new(self, module: nn.Module) -> bool:
-        """Whether ``module`` was not part of the captured modules (created since)."""
-        return id(module) not in self._ids
-
     def restore(self) -> None:
         for obj, attributes, contents in self._saved:
             current = obj.__dict__

@@ -2,7 +2,7 @@
 
 PEFT loads an adapter with ``load_state_dict(strict=False)`` and only *warns* about missing keys, so
 an adapter saved for another base model or another config could come back partly random. loramix
-tuners refuse instead: ``loramix._tuner.LoramixTunerMixin`` runs this check in
+tuners refuse instead: ``loramix._tuner.tuner.LoramixTunerMixin`` runs this check in
 ``_remap_adapter_state_dict_for_load``, the hook PEFT calls on every ``PeftModel.from_pretrained`` /
 ``load_adapter`` before loading the weights, whichever file they come from (``adapter_model.safetensors``,
 or ``adapter_model.bin`` read with ``torch.load(weights_only=True)``). transformers' ``model.load_adapter``
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registration import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+from loramix._compat.peft import adapter_tensors
 
 _SHOWN = 5
 
@@ -31,9 +31,8 @@ def check_adapter_state_dict(
     ``state_dict`` is the checkpoint already remapped to the model's keys; ``prefix`` is the method's
     parameter prefix (``"mor_"``), used to recognise adapter tensors the model has no place for.
     """
-    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     model_state = model.state_dict()
-    expected = _filter_state_dict_by_key_prefixes(model_state, prefixes)
+    expected = adapter_tensors(model, adapter_name, model_state)
     missing = sorted(k for k in expected if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in expected and f".{prefix}" in k and k not in model_state)
     mismatched = sorted(
