@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -9,8 +11,10 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import loramix
-from loramix.vllm.convert import ExpertGate, MoRGate, UnservableAdapter, convert
-from loramix.vllm.gates import LayerGates, StepLayout, expert_factors, route
+from loramix.mor.served import MoRGate
+from loramix.vllm.convert import UnservableAdapter, convert, read_config
+from loramix.vllm.gates import LayerGates, PromptGate, Step, StepLayout
+from loramix.vllm.refusals import EngineSettings, check_engine, check_rank
 from tests.milora.reference import router_reference
 from tests.mor.reference import mor_linear_reference
 
@@ -32,9 +36,7 @@ def _served_delta(served, module, x, gate=None):
     b = served.tensors[f"{PREFIX}{module}.lora_B.weight"].double()
     buffer = x @ a.T
     if gate is not None:
-        from loramix.vllm.gates import mor_gate_
-
-        mor_gate_(buffer, gate)
+        gate.gate_(buffer)
     return buffer @ b.T
 
 
@@ -72,9 +74,9 @@ def test_milora_routes_and_experts_equal_loramix(tmp_path, normalize):
             raw[r + "rational_num"], raw[r + "rational_den"], normalize,
         )  # fmt: skip
         assert router.normalize_gates is normalize
-        torch.testing.assert_close(route(router, hidden[0]).double(), gates[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(router.route(hidden[0]).double(), gates[0], rtol=1e-5, atol=1e-6)
         for column, module in enumerate(router.experts):
-            assert served.gates[module] == ExpertGate(block, column)
+            assert served.gates[module] == PromptGate(block, column)
     module = "model.layers.0.self_attn.o_proj"
     x = torch.randn(3, 64, dtype=torch.float64)
     expected = 2.0 * x @ raw[f"{PREFIX}{module}.milora_A"].double().T @ raw[f"{PREFIX}{module}.milora_B"].double().T
@@ -89,8 +91,9 @@ def test_layer_gates_by_slot():
     layout = StepLayout(
         ("a", "b", "c"), counts=(2, 3, 2), computed=(0, 0, 5), prompt_lengths=(2, 3, 4), adapters=(7, 8, 9)
     )
-    factors = expert_factors(layout, {1: torch.tensor([0.0, 0.25])}, 8, ExpertGate(0, 1), 7)
-    assert factors.tolist() == [0, 0, 0.25, 0.25, 0.25, 0, 0]
+    # request 1 ("b", LoRA id 8) was routed at block 0 to w = (0, 0.25); the gate reads column 1
+    factors = PromptGate(0, 1).for_step(Step(layout, {0: {1: torch.tensor([0.0, 0.25])}}), 8, 7)
+    assert factors.factors.tolist() == [0, 0, 0.25, 0.25, 0.25, 0, 0]
     slots = torch.tensor([0, 0, 1, 1, 1, -1, -1])  # slot 0: MoR (N=2, r=3), slot 1: MiLoRA, -1: none
     LayerGates(slots, [{0: MoRGate(2, 3), 1: factors}]).apply_(buffer)
     probs = torch.softmax(original[0, :2, 6:8], dim=-1)
@@ -132,3 +135,24 @@ def test_slices_without_gates_only_lose_their_no_adapter_rows():
     for buffer, original in zip(buffers, originals, strict=True):
         torch.testing.assert_close(buffer[[0, 2]], original[[0, 2]])
         assert torch.all(buffer[[1, 3]] == 0)
+
+
+def test_a_registered_method_is_served_through_its_served_form(monkeypatch, tmp_path):
+    """The plugin knows methods only through the registry: a third method's adapter is recognised by its
+    ``peft_type`` and checked by the served form its ``Method`` names (here MiLoRA's, under another name)."""
+    from loramix import method as registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # restored after the test
+    config_cls = type("FakeConfig", (), {"PEFT_TYPE_NAME": "FAKE"})
+    registry.register_method(registry.Method("fake", "Fake", config_cls, object, served_form="loramix.milora.served"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "FAKE", "r": 32, "pooler": "mean"}))
+    config = read_config(str(tmp_path))
+    assert config is not None
+    settings = EngineSettings(eager=True, chunked_prefill=True, prefix_caching=False, max_lora_rank=16)
+    with pytest.raises(UnservableAdapter, match=r"the FAKE adapter 'a' .*Fake routes on the whole prompt"):
+        check_engine(config, settings, "a")
+    with pytest.raises(UnservableAdapter, match=r"rank 32, above --max-lora-rank 16"):
+        check_rank(config, 16, "a")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "FAKE", "r": 4, "use_dora": True}))
+    with pytest.raises(UnservableAdapter, match=r"This FAKE adapter .*MiDoRA"):
+        convert(str(tmp_path), tiny_config())

@@ -10,7 +10,7 @@ from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 
 import loramix
-from loramix.vllm import _hooks
+from loramix.milora.served import BlockRouter
 from loramix.vllm.refusals import EngineSettings, check_engine
 
 from .conftest import engine, reference_tokens, served_tokens
@@ -47,13 +47,13 @@ def test_preempted_requests_are_recomputed_and_routed_the_same_way(models, monke
     """A KV cache too small for the batch: vLLM preempts requests and recomputes them from their prompt; MiLoRA
     routes a recomputed request again, on its prompt only (the generated tokens are recomputed too)."""
     calls = []
-    route = _hooks.route
+    route = BlockRouter.route
 
     def counting_route(router, hidden):
         calls.append(hidden.shape[0])
         return route(router, hidden)
 
-    monkeypatch.setattr(_hooks, "route", counting_route)
+    monkeypatch.setattr(BlockRouter, "route", counting_route)
     llm = engine(models, block_size=32, num_gpu_blocks_override=5, max_num_seqs=6)
     adapters = ["milora", "mor", "milora", "lora", None, "milora"]
     prompts = [list(range(20 + i, 40 + i)) for i in range(6)]
@@ -131,6 +131,18 @@ def test_engine_settings_the_plugin_cannot_serve_exactly_are_refused(setting, me
         check_engine({"peft_type": method}, EngineSettings(**fine), "a")
         with pytest.raises(ValueError, match=message):
             check_engine({"peft_type": method}, EngineSettings(**{**fine, **setting}), "a")
+
+
+def test_prompt_routing_refusals_follow_the_served_form_not_the_method(monkeypatch):
+    """Chunked prefill and prefix caching are refused for an adapter whose served form routes on the whole prompt
+    (``ROUTES_ON_PROMPT``), whichever its method: here MoR's form, made to claim it."""
+    import loramix.mor.served
+
+    settings = EngineSettings(eager=True, chunked_prefill=True, prefix_caching=True, max_lora_rank=16)
+    check_engine({"peft_type": "MOR"}, settings, "a")
+    monkeypatch.setattr(loramix.mor.served, "ROUTES_ON_PROMPT", True)
+    with pytest.raises(ValueError, match=r"MoR routes on the whole prompt.*--no-enable-prefix-caching"):
+        check_engine({"peft_type": "MOR"}, settings, "a")
 
 
 def test_other_vllm_versions_are_refused(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from loramix.milora.served import BlockRouter
 from loramix.vllm import _hooks
 
 from .conftest import engine, reference_tokens, served_tokens
@@ -51,8 +52,8 @@ def test_milora_routes_once_per_request_and_frees_it(llm, models, references, mo
         calls.append(hidden.shape[0])
         return route(router, hidden)
 
-    route = _hooks.route
-    monkeypatch.setattr(_hooks, "route", counting_route)
+    route = BlockRouter.route
+    monkeypatch.setattr(BlockRouter, "route", counting_route)
     before = set(_hooks.SERVED.routes.weights)  # left by engines of other tests, which stopped mid-stream
     assert served_tokens(llm, models, PROMPTS, ADAPTERS, NEW_TOKENS) == references
     milora_prompts = [len(p) for p, a in zip(PROMPTS, ADAPTERS, strict=True) if a == "milora"]

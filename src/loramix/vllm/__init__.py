@@ -13,7 +13,7 @@ MiLoRA's experts are LoRAs gated per request by its routers, run once on each re
 
 from __future__ import annotations
 
-from .convert import UnservableAdapter
+from loramix.vllm.convert import UnservableAdapter
 
 __all__ = ["UnservableAdapter", "register"]
 
@@ -22,7 +22,7 @@ def register() -> None:
     """The vLLM plugin entry point: check the vLLM version, then wrap its LoRA path (:mod:`loramix.vllm._hooks`)."""
     import vllm
 
-    from . import _hooks
+    from loramix.vllm import _hooks
 
     if vllm.__version__ not in _hooks.SUPPORTED_VLLM:
         raise RuntimeError(

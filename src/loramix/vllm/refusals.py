@@ -1,13 +1,18 @@
 """What the vLLM plugin refuses to serve, and why: engine settings under which a loramix adapter would not be served
 exactly, and ranks that do not fit. Pure checks (no vLLM import); :mod:`loramix.vllm._hooks` reads the engine's
 settings and runs them at request intake and when an adapter loads. Messages name the setting and the flag to pass.
+
+What depends on the method comes from its served form (:func:`loramix.vllm.convert.served_form`): whether it routes
+on the whole prompt (``ROUTES_ON_PROMPT``: then a prompt must be prefilled in one step and never come from the
+prefix cache) and the rank it is served at (``served_rank``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .convert import UnservableAdapter
+from loramix.method import method_of
+from loramix.vllm.convert import UnservableAdapter, served_form
 
 
 @dataclass
@@ -27,6 +32,7 @@ class EngineSettings:
 def check_engine(config: dict, engine: EngineSettings, name: str) -> None:
     """Refuse an adapter the engine's settings would serve inexactly; the message says which flag to pass."""
     method = config["peft_type"]
+    routes_on_prompt = served_form(config).ROUTES_ON_PROMPT
     problems = []
     if not engine.eager:
         problems.append(
@@ -51,13 +57,13 @@ def check_engine(config: dict, engine: EngineSettings, name: str) -> None:
             "--fully-sharded-loras splits the rank buffer across GPUs, so a MoR router's logits and a token's "
             "expert blocks would not be on one device (serve without it)"
         )
-    if method == "MILORA" and engine.chunked_prefill:
+    if routes_on_prompt and engine.chunked_prefill:
         problems.append(
-            "chunked prefill is on: MiLoRA routes on the whole prompt and applies the routing to the prompt's own "
-            "tokens, so a prompt must be prefilled in one step (pass --no-enable-chunked-prefill / "
-            "enable_chunked_prefill=False)"
+            f"chunked prefill is on: {method_of(method).display_name} routes on the whole prompt and applies the "
+            "routing to the prompt's own tokens, so a prompt must be prefilled in one step (pass "
+            "--no-enable-chunked-prefill / enable_chunked_prefill=False)"
         )
-    if method == "MILORA" and engine.prefix_caching:
+    if routes_on_prompt and engine.prefix_caching:
         problems.append(
             "prefix caching is on: a cached prefix was computed under another prompt's routing (pass "
             "--no-enable-prefix-caching / enable_prefix_caching=False)"
@@ -68,18 +74,13 @@ def check_engine(config: dict, engine: EngineSettings, name: str) -> None:
         )
 
 
-def _served_rank(config: dict) -> int:
-    if config["peft_type"] == "MOR" and config.get("router", "softmax") != "mean" and config["num_experts"] > 1:
-        return config["num_experts"] * (config["r"] + 1)
-    return int(config["r"])
-
-
 def check_rank(config: dict, max_lora_rank: int, name: str) -> None:
-    rank = _served_rank(config)
+    """Refuse an adapter whose served rank (its method's ``served_rank``) is above the engine's ``--max-lora-rank``."""
+    rank, made_of = served_form(config).served_rank(config)
     if rank > max_lora_rank:
         raise UnservableAdapter(
             f"The {config['peft_type']} adapter '{name}' is served as a LoRA of rank {rank}"
-            + (" (num_experts·r expert ranks + num_experts router rows)" if config["peft_type"] == "MOR" else "")
+            + (f" ({made_of})" if made_of else "")
             + f", above --max-lora-rank {max_lora_rank}. Start vLLM with --max-lora-rank of at least {rank} "
             "(vLLM accepts 8, 16, 32, 64, 128, 256, 320, 512)."
         )
