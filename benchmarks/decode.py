@@ -61,12 +61,12 @@ class Contender:
         self.routings = 0
         self.reroute = reroute_on is not None
         if self.reroute:  # the ablation: MiLoRA must not reuse the routing of its prompt (loramix.routing.session internals)
-            from loramix import routing as routing_module
+            from loramix.routing import session as routing_module
 
             def forget_routing(module, args, kwargs):
                 generation = routing_module._GENERATION.get()
                 if generation is not None:
-                    generation.pop("routing", None)
+                    generation.routing = None
                 return None
 
             reroute_on.register_forward_pre_hook(forget_routing, with_kwargs=True, prepend=True)
@@ -79,7 +79,7 @@ class Contender:
 
     def generate(self, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
         routed0 = self.context["routed"] if self.context is not None else 0
-        from loramix import routing as routing_module
+        from loramix.routing import session as routing_module
 
         # the ablation also makes every step look like a forward without a cache, so that it routes afresh
         no_cache = patched(routing_module, "_cache_length", lambda cache: 0) if self.reroute else nullcontext()

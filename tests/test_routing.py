@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 
 from loramix import MiLoRAConfig, MoRConfig
-from loramix import routing as routing_module
+from loramix.routing import session as routing_module
 from loramix.milora.layer import MiLoRARouter
 from loramix.routing.session import RoutingSession, capture_routing
 from tests.milora.common import left_pad, random_tokens, wide_llama
@@ -143,11 +143,13 @@ def test_capture_routing_sees_only_routed_forwards():
 def test_no_session_outlives_its_forward_and_backward(method, monkeypatch):
     """Sessions (and the router tensors they hold) are freed with the step: nothing accumulates in training."""
     alive = weakref.WeakSet()
+    created = []
 
     class Tracked(RoutingSession):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             alive.add(self)
+            created.append(1)
 
     monkeypatch.setattr(routing_module, "RoutingSession", Tracked)
     model = build(method).train()
@@ -156,4 +158,5 @@ def test_no_session_outlives_its_forward_and_backward(method, monkeypatch):
         model(**x, labels=x["input_ids"]).loss.backward()
     model.eval().generate(**x, max_new_tokens=3)
     gc.collect()
+    assert len(created) >= 4  # the patched class was used (3 training forwards and the generate's)
     assert len(alive) == 0

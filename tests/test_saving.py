@@ -1,7 +1,7 @@
 """save_pretrained never leaves a half-written adapter: after a crash at any point, loading gives the
 old adapter or the new one, complete (weights and config from the same save).
 
-The protocol is described in ``loramix/_saving.py``; ``.bin`` saves (``safe_serialization=False``) are
+The protocol is described in ``loramix/_tuner/saving.py``; ``.bin`` saves (``safe_serialization=False``) are
 covered too, except a ``.bin`` overwritten in place by a killed ``torch.save``, which is refused on
 loading (``tests/test_loading.py::test_truncated_bin_is_refused``).
 """

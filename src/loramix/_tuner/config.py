@@ -14,13 +14,13 @@ hours to train, loramix prefers a clear error to a silently different model, so:
   ``save_pretrained(safe_serialization=False)``, ``adapter_model.bin``. The loaders refuse weights that do not
   belong to the config (modified after saving, or from a save that was interrupted), before reading them.
 * ``adapter_config.json`` is written to a temporary file and renamed into place; with the journal of
-  ``_saving.py`` an interrupted safetensors save leaves the old adapter or the new one (see that module).
+  ``loramix/_tuner/saving.py`` an interrupted safetensors save leaves the old adapter or the new one (see that module).
 * ``adapter_model.bin`` is loaded the way PEFT and transformers load it, ``torch.load(weights_only=True)``,
   which rebuilds tensors and plain containers only and refuses a pickle that would call anything else; the
   hash check above runs first, so a replaced ``.bin`` is refused without being unpickled at all.
 
 A config never touches PEFT's registries: ``import loramix`` registers the methods once
-(``loramix/_registration.py``), and a config only looks its ``PeftType`` member up.
+(``loramix/_compat/peft.py``), and a config only looks its ``PeftType`` member up.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class LoramixConfig(PeftConfig):
 
     @classmethod
     def _registered_peft_type(cls) -> PeftType:
-        """The method's ``PeftType`` member. Only looked up: ``import loramix`` added it (``_registration.py``)."""
+        """The method's ``PeftType`` member. Only looked up: ``import loramix`` added it (``loramix/_compat/peft.py``)."""
         if not cls.PEFT_TYPE_NAME:
             raise TypeError(f"{cls.__name__} is a base class; use MoRConfig, MiLoRAConfig or PeftConfig.")
         member = PeftType.__members__.get(cls.PEFT_TYPE_NAME)
@@ -182,7 +182,7 @@ class LoramixConfig(PeftConfig):
         """Load the config and, for a local adapter, check that the weights beside it belong to it.
 
         After an interrupted save this restores the complete adapter that the config belongs to (with a
-        warning); weights that belong to no config are refused (see ``loramix/_saving.py``).
+        warning); weights that belong to no config are refused (see ``loramix/_tuner/saving.py``).
         """
         if not cls.PEFT_TYPE_NAME:
             raise TypeError(f"{cls.__name__} is a base class; use MoRConfig, MiLoRAConfig or PeftConfig.")

@@ -6,7 +6,7 @@ tuners refuse instead: ``loramix._tuner.tuner.LoramixTunerMixin`` runs this chec
 ``_remap_adapter_state_dict_for_load``, the hook PEFT calls on every ``PeftModel.from_pretrained`` /
 ``load_adapter`` before loading the weights, whichever file they come from (``adapter_model.safetensors``,
 or ``adapter_model.bin`` read with ``torch.load(weights_only=True)``). transformers' ``model.load_adapter``
-calls no tuner hook; ``loramix/_registration.py`` makes that path strict.
+calls no tuner hook; ``loramix/_compat/transformers.py`` makes that path strict.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class LoramixTunerMixin:
     Every refusal is decided before anything changes: merging checks all the adapters it would merge
     (:meth:`_check_merge`), ``set_adapter`` all the names, and adding an adapter that fails part-way puts
     the model back as it was (:class:`~loramix._tuner.undo.ModelState`). Failed loads are undone by the loading
-    entry points (``loramix/_registration.py``), which know whether the adapter is new.
+    entry points (``loramix/_compat/peft.py``, ``loramix/_compat/transformers.py``), which know whether the adapter is new.
     """
 
     prefix: str

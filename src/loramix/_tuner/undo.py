@@ -4,7 +4,7 @@ PEFT creates an adapter's layers before it reads the adapter's weights, and tran
 does the same; an error after that point (a checkpoint that does not fit, a missing tensor, an unreadable
 file) leaves the model wrapped, with a half-created adapter. loramix takes a :class:`ModelState` before
 each such operation (``LoramixTunerMixin.inject_adapter``, and the loading entry points wrapped in
-``loramix/_registration.py``) and restores it when the operation raises.
+``loramix/_compat/peft.py`` and ``loramix/_compat/transformers.py``) and restores it when the operation raises.
 """
 
 from __future__ import annotations

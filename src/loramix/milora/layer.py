@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from loramix import kernels
+from loramix._tuner.layer import init_adapter_state
 from loramix.routing.balance import attach_pending
 from loramix.routing.mixed_batch import padding_fits
 from loramix.routing.session import RouterRecord, RoutingSession, adapter_rows, current_session
@@ -143,24 +144,24 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
         "router_aux_loss_coef",
     )
 
+    # per adapter (PEFT's containers, made by init_adapter_state)
+    milora_router: nn.ParameterDict
+    milora_pool_query: nn.ParameterDict
+    milora_rational_num: nn.ParameterDict
+    milora_rational_den: nn.ParameterDict
+    top_k: dict[str, int]
+    normalize_gates: dict[str, bool]
+    pooler: dict[str, str]
+    activation: dict[str, str]
+    router_input: dict[str, str]
+    expert_names: dict[str, tuple[str, ...]]
+    router_aux_loss_coef: dict[str, float]
+
     def __init__(self, base_layer: nn.Module, hidden_size: int) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        init_adapter_state(self, base_layer)
         self.hidden_size = hidden_size
-        self.top_k: dict[str, int] = {}
-        self.normalize_gates: dict[str, bool] = {}
-        self.pooler: dict[str, str] = {}
-        self.activation: dict[str, str] = {}
-        self.router_input: dict[str, str] = {}
-        self.expert_names: dict[str, tuple[str, ...]] = {}
-        self.router_aux_loss_coef: dict[str, float] = {}
-        self.milora_router = nn.ParameterDict({})
-        self.milora_pool_query = nn.ParameterDict({})
-        self.milora_rational_num = nn.ParameterDict({})
-        self.milora_rational_den = nn.ParameterDict({})
-        self._disable_adapters = False
         self._active_adapter = []
-        self.merged_adapters: list[str] = []
 
     def update_layer(
         self,
@@ -301,21 +302,20 @@ class Linear(nn.Module, MiLoRATunerLayer):
     adapter_layer_names = ("milora_A", "milora_B", "milora_magnitude")
     other_param_names = ("r", "lora_alpha", "scaling", "milora_dropout", "expert_index", "block_router")
 
+    # per adapter (PEFT's containers, made by init_adapter_state)
+    milora_A: nn.ParameterDict
+    milora_B: nn.ParameterDict
+    milora_magnitude: nn.ParameterDict  # MiDoRA only
+    r: dict[str, int]
+    lora_alpha: dict[str, float]
+    scaling: dict[str, float]
+    milora_dropout: nn.ModuleDict
+    expert_index: dict[str, int]  # this expert's column in its block router's choice
+    block_router: dict[str, MiLoRARouter]  # the router of this expert's block: a reference, set by the tuner
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MiLoRAConfig, **kwargs: Any) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.expert_index: dict[str, int] = {}  # per adapter: this expert's column in its block router's choice
-        # per adapter: the router of this expert's block (a reference, not a submodule; set by the tuner)
-        self.block_router: dict[str, MiLoRARouter] = {}
-        self.milora_dropout = nn.ModuleDict({})
-        self.milora_A = nn.ParameterDict({})
-        self.milora_B = nn.ParameterDict({})
-        self.milora_magnitude = nn.ParameterDict({})
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
+        init_adapter_state(self, base_layer, modules=("milora_dropout",))
         self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear):

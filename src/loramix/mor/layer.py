@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from loramix._tuner.layer import init_adapter_state
 from loramix.routing.balance import attach_pending
 from loramix.routing.mixed_batch import padding_fits
 from loramix.routing.session import RouterRecord, adapter_rows, current_session
@@ -38,20 +39,20 @@ class MoRLayer(BaseTunerLayer):
     adapter_layer_names = ("mor_A", "mor_B", "mor_omega_A", "mor_omega_B", "mor_router")
     other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "mor_dropout")
 
+    # per adapter (PEFT's containers, made by init_adapter_state)
+    mor_A: nn.ParameterDict
+    mor_B: nn.ParameterDict
+    mor_omega_A: nn.ParameterDict
+    mor_omega_B: nn.ParameterDict
+    mor_router: nn.ParameterDict  # learnable routers only (router='softmax', num_experts > 1)
+    r: dict[str, int]
+    lora_alpha: dict[str, float]
+    scaling: dict[str, float]
+    num_experts: dict[str, int]
+    mor_dropout: nn.ModuleDict
+
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.num_experts: dict[str, int] = {}
-        self.mor_dropout = nn.ModuleDict({})
-        self.mor_A = nn.ParameterDict({})
-        self.mor_B = nn.ParameterDict({})
-        self.mor_omega_A = nn.ParameterDict({})
-        self.mor_omega_B = nn.ParameterDict({})
-        self.mor_router = nn.ParameterDict({})
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
+        init_adapter_state(self, base_layer, modules=("mor_dropout",))
 
         base_layer = self.get_base_layer()
         if not isinstance(base_layer, nn.Linear):

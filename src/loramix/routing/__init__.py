@@ -9,24 +9,7 @@ The output fields routing adds (``aux_loss``, ``router_logits``, ``lm_loss``) ar
 fence, :func:`loramix._compat.transformers.with_output_fields`.
 """
 
-from .session import (
-    RouterRecord,
-    RoutingSession,
-    adapter_rows,
-    capture_routing,
-    current_session,
-    generation_routing,
-    has_routing,
-    subscribe,
-)
+from . import session
+from .session import *  # noqa: F403 (the session's public names are the package's)
 
-__all__ = [
-    "RouterRecord",
-    "RoutingSession",
-    "adapter_rows",
-    "capture_routing",
-    "current_session",
-    "generation_routing",
-    "has_routing",
-    "subscribe",
-]
+__all__ = list(session.__all__)
