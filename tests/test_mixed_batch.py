@@ -178,6 +178,40 @@ def test_cache_continuation_needs_the_same_adapter_names(model):
         torch.testing.assert_close(continued[i], reference, rtol=0, atol=ATOL)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "prompts_, names, kwargs",
+    [
+        (1, ["a", "b"], {"num_beams": 2}),  # one name per beam of one prompt
+        (2, ["a", "b", "b", "a"], {"num_beams": 2, "num_return_sequences": 2}),  # one per returned sequence
+        (2, ["a", "a", "b", "b"], {"do_sample": True, "top_k": 1, "num_return_sequences": 2}),
+    ],
+)
+def test_generate_takes_one_adapter_name_per_prompt(model, prompts_, names, kwargs):
+    """As PEFT's LoRA: a list sized for beams or returned sequences is refused (a prompt's beams share its
+    adapter), and the refusal changes nothing: the same generate with one name per prompt gives what it gave."""
+    ids = torch.stack([random_tokens(5, 50 + i) for i in range(prompts_)])
+    per_prompt = names[:: len(names) // prompts_]
+    before = model.generate(input_ids=ids, adapter_names=per_prompt, max_new_tokens=3, **kwargs)
+    with pytest.raises(ValueError, match=rf"Length of `adapter_names`.* {len(names)} and {prompts_} respectively"):
+        model.generate(input_ids=ids, adapter_names=names, max_new_tokens=3, **kwargs)
+    with pytest.raises(ValueError, match=rf"Length of `adapter_names`.* {len(names)} and {prompts_} respectively"):
+        model(input_ids=ids, adapter_names=names)
+    after = model.generate(input_ids=ids, adapter_names=per_prompt, max_new_tokens=3, **kwargs)
+    assert torch.equal(before, after)
+
+
+def test_peft_lora_refuses_names_per_beam_too():
+    """The rule above is PEFT's own: its LoRA refuses the same list with the same message."""
+    from peft import LoraConfig
+
+    lora = get_peft_model(wide_llama(0), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.eval()
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs"):
+        lora.generate(input_ids=random_tokens(5)[None], adapter_names=["default", "b"], num_beams=2, max_new_tokens=2)
+
+
 def test_refusals(model, method, tmp_path):
     ids = random_tokens(5)[None].expand(3, -1)
     with pytest.raises(ValueError, match="training mode"):

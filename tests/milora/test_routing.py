@@ -24,6 +24,7 @@ from tests.milora.common import (
     selections,
 )
 from tests.milora.reference import expert_reference, router_reference
+from tests.tiny_models import tiny_llama
 
 
 def record(store, name, value) -> None:
@@ -320,3 +321,88 @@ def test_pool_mask_rules():
     assert build_pool_mask(None, None, None, 4) is None
     with pytest.raises(ValueError, match="do not match"):
         build_pool_mask(torch.ones(2, 4), None, torch.ones(2, 3), 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding strategies: every one transformers offers routes on the prompt alone (or is refused).
+# ---------------------------------------------------------------------------------------------------------------------
+
+CACHE_MODES = {  # preallocated caches: generate hands the model a 4-D attention mask, not the 2-D one
+    "static-cache": {"do_sample": False, "cache_implementation": "static"},
+    "static-cache-beam-2": {"num_beams": 2, "cache_implementation": "static", "length_penalty": 0.0},
+    "sliding-window-cache": {"do_sample": False, "cache_implementation": "sliding_window"},
+    "hybrid-cache": {"do_sample": False, "cache_implementation": "hybrid"},
+}
+
+
+@pytest.mark.parametrize("mode", list(CACHE_MODES))
+def test_preallocated_caches_keep_padding_out_of_the_pool(mode, monkeypatch):
+    """A left-padded row generates what it generates alone: padding never enters its routers' pool, whatever mask
+    form the cache implementation passes to the model; the routers run once."""
+    model = milora_model().eval()
+    sequences = [random_tokens(7, 21), random_tokens(4, 22)]
+    ids, mask = left_pad(sequences)
+    calls = count_routes(monkeypatch)
+    kwargs = {"max_new_tokens": 5, "min_new_tokens": 5, **CACHE_MODES[mode]}
+    batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert calls == {id(r): 1 for r in routers(model).values()}
+    batched_probs = probabilities(model)
+    copies = batched.shape[0] // ids.shape[0]  # returned sequences per prompt
+    for row, sequence in enumerate(sequences):
+        alone = model.generate(input_ids=sequence[None], **kwargs)
+        for name, probs in probabilities(model).items():
+            beams = batched_probs[name].shape[0] // len(sequences)  # routed rows per prompt
+            torch.testing.assert_close(batched_probs[name][row * beams], probs[0], rtol=0, atol=1e-6, msg=(mode, row))
+        got = batched[row * copies, ids.shape[1] :]
+        assert got.tolist() == alone[0, len(sequence) :].tolist(), (mode, row)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the offloaded caches run; routing with them is not tested yet (no GPU in CI)")
+@pytest.mark.parametrize("implementation", ["offloaded", "offloaded_static"])
+def test_offloaded_caches_need_cuda_upstream(implementation):
+    """transformers' offloaded caches need CUDA: on CPU transformers itself refuses them (asserted as exactly
+    that), before any routing."""
+    model = milora_model().eval()
+    with pytest.raises(AssertionError, match="Torch not compiled with CUDA enabled"):
+        model.generate(input_ids=random_tokens((1, 4), 3), max_new_tokens=2, cache_implementation=implementation)
+
+
+ASSISTED_MODES = {
+    "prompt-lookup": lambda: {"prompt_lookup_num_tokens": 3},
+    "assistant-model": lambda: {"assistant_model": tiny_llama(seed=5).eval()},
+}
+
+
+@pytest.mark.parametrize("mode", list(ASSISTED_MODES))
+def test_assisted_decoding_routes_on_the_prompt_and_equals_greedy(mode, monkeypatch):
+    """Assisted and prompt-lookup decoding hand the model the prompt plus draft tokens in its first forward; the
+    routers pool over the prompt only, so the routing is the prompt's and the tokens equal greedy decoding's (which
+    transformers guarantees for assisted greedy decoding)."""
+    model = milora_model().eval()
+    prompt = torch.cat([random_tokens(5, 31), random_tokens(5, 31)])[None]  # a repeat, so lookup finds drafts
+    greedy = model.generate(input_ids=prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    expected = probabilities(model)
+    calls = count_routes(monkeypatch)
+    assisted = model.generate(
+        input_ids=prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, **ASSISTED_MODES[mode]()
+    )
+    assert calls == {id(r): 1 for r in routers(model).values()}
+    for name, probs in probabilities(model).items():
+        torch.testing.assert_close(probs, expected[name], rtol=0, atol=1e-6)
+    assert assisted.tolist() == greedy.tolist()
+
+
+def test_a_4d_attention_mask_needs_the_2d_mask_or_a_prompt_mask():
+    """A plain forward with a 4-D mask: its padding cannot be told, so MiLoRA refuses unless ``prompt_mask`` says
+    which tokens to route on (then it routes as with the 2-D mask)."""
+    model = milora_model().eval()
+    ids, mask = left_pad([random_tokens(6, 41), random_tokens(3, 42)])
+    causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    four_d = (causal[None] & mask.bool()[:, None, :])[:, None]  # (B, 1, T, T) boolean, True = attend
+    with pytest.raises(ValueError, match="4-D tensor.*padding tokens.*2-D `attention_mask`"):
+        logits(model, input_ids=ids, attention_mask=four_d)
+    logits(model, input_ids=ids, attention_mask=mask)
+    with_2d = probabilities(model)
+    logits(model, input_ids=ids, attention_mask=four_d, prompt_mask=mask)
+    for name, probs in probabilities(model).items():
+        torch.testing.assert_close(probs, with_2d[name], rtol=0, atol=1e-6)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -13,8 +14,19 @@ from loramix._tuner.loading import check_adapter_state_dict
 from loramix._compat.transformers import ignore_router_outputs_at_inference, restore_keys_to_ignore_at_inference
 from loramix._compat.peft import auxiliary_modules_per_row
 from loramix._tuner.undo import ModelState
-from loramix.routing.mixed_batch import adapters_per_row, check_adapter_names, generation_expansions
-from loramix.routing.session import current_session, generation_routing, install_session_hooks, remove_session_hooks
+from loramix.routing.mixed_batch import (
+    adapters_per_row,
+    check_adapter_names,
+    check_names_per_input,
+    generation_expansions,
+)
+from loramix.routing.session import (
+    Prompt,
+    current_session,
+    generation_routing,
+    install_session_hooks,
+    remove_session_hooks,
+)
 
 
 def _row_names(module: nn.Module) -> tuple[str, ...] | None:
@@ -167,12 +179,14 @@ class LoramixTunerMixin:
         sequences of a prompt keep its adapter and routing).
         """
         names = kwargs.get("adapter_names")
+        prompt = Prompt.of_call(args, kwargs)
         if names is None:
-            with generation_routing():
+            with generation_routing(prompt):
                 yield
             return
         merged = [n for m in self.model.modules() if isinstance(m, BaseTunerLayer) for n in m.merged_adapters]
         names = check_adapter_names(names, list(self.peft_config), self.training, merged)
+        check_names_per_input(names, None if prompt is None else prompt.batch)
         expansions = generation_expansions(kwargs, getattr(self.model, "generation_config", None))
-        with generation_routing(), adapters_per_row(names, expansions), auxiliary_modules_per_row(self.model, _row_names):
+        with generation_routing(prompt), adapters_per_row(names, expansions), auxiliary_modules_per_row(self.model, _row_names):
             yield

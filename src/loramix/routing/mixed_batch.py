@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["BASE", "AdapterRows", "adapters_per_row", "check_adapter_names", "padding_fits", "rows_for_batch"]
+__all__ = [
+    "BASE",
+    "AdapterRows",
+    "adapters_per_row",
+    "check_adapter_names",
+    "check_names_per_input",
+    "padding_fits",
+    "rows_for_batch",
+]
 
 BASE = "__base__"  # PEFT's name for "no adapter on this row"
 # Token rows of padding a grouped computation may add whatever the batch (see padding_fits): at most 64 MiB of
@@ -105,6 +113,16 @@ def check_adapter_names(names: Any, known: Sequence[str], training: bool, merged
             "`unmerge_adapter` first."
         )
     return tuple(names)
+
+
+def check_names_per_input(names: Sequence[str], inputs: int | None) -> None:
+    """One adapter name per input (prompt), as PEFT's LoRA requires: beams and returned sequences of a prompt
+    always share its adapter, so a list sized for them is refused."""
+    if inputs is not None and len(names) != inputs:
+        raise ValueError(
+            f"Length of `adapter_names` should be the same as the number of inputs, but got {len(names)} and {inputs} "
+            "respectively."
+        )
 
 
 def generation_expansions(kwargs: dict[str, Any], generation_config: Any) -> frozenset[int]:

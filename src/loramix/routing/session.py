@@ -87,6 +87,32 @@ class GenerationCall:
     routing: dict[tuple[nn.Module, str], Any] | None = None
     rows: AdapterRows | None = None
     scratch: dict[Any, Any] = field(default_factory=dict)
+    prompt: Prompt | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The inputs a call (``forward`` or ``generate``) was given: ``batch`` rows of ``length`` tokens and, if given
+    as one, the 2-D ``attention_mask`` (batch, length).
+
+    ``generate`` may hand the model more than the prompt in its first forward (assisted and prompt-lookup
+    decoding append draft tokens) and a 4-D attention mask instead of the 2-D one (static and other
+    preallocated caches); the routed forward pools over the prompt's attended tokens all the same.
+    """
+
+    batch: int
+    length: int
+    attention_mask: torch.Tensor | None = None
+
+    @classmethod
+    def of_call(cls, args: tuple, kwargs: dict[str, Any]) -> Prompt | None:
+        """The prompt of a ``forward`` / ``generate`` call from its arguments (``None`` if they do not tell)."""
+        for value in (*args[:1], *(kwargs.get(k) for k in ("input_ids", "inputs_embeds", "inputs"))):
+            if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                mask = kwargs.get("attention_mask")
+                two_d = isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(value.shape[:2])
+                return cls(value.shape[0], value.shape[1], mask if two_d else None)
+        return None
 
 
 @dataclass
@@ -163,6 +189,7 @@ class RoutingSession:
         continues_cache: bool,
         rows: AdapterRows | None = None,
         scratch: dict | None = None,
+        prompt: Prompt | None = None,
     ) -> None:
         tokens = inputs.get("input_ids")
         if not isinstance(tokens, torch.Tensor):
@@ -175,6 +202,7 @@ class RoutingSession:
             got = tuple(prompt_mask.shape) if isinstance(prompt_mask, torch.Tensor) else type(prompt_mask).__name__
             raise ValueError(f"prompt_mask must be a (batch, seq) tensor of the input's shape {self.shape}, got {got}.")
         self._inputs = (inputs.get("attention_mask"), inputs.get("labels"), prompt_mask)
+        self._prompt = prompt
         attention = self._inputs[0]
         self.token_mask = attention[:, -self.shape[1] :] if self._fits(attention) else None
         self.reuse = reuse
@@ -211,7 +239,7 @@ class RoutingSession:
     def pool_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The MiLoRA pool mask for block inputs ``hidden`` (B, T, d); raises if it cannot fit them."""
         if self._pool is _UNSET:
-            self._pool = build_pool_mask(*self._inputs, self.shape[1] if self.shape else None)
+            self._pool = self._build_pool()
         if self._pool is None:
             return None
         if tuple(self._pool.shape) != tuple(hidden.shape[:2]):
@@ -220,6 +248,38 @@ class RoutingSession:
                 f"is {tuple(self._pool.shape)}: the prompt tokens cannot be matched to them."
             )
         return self._pool.to(hidden.device)
+
+    def _build_pool(self) -> torch.Tensor | None:
+        """:func:`build_pool_mask` of this forward, with the call's prompt where the forward's own inputs do not
+        tell it: draft tokens after the prompt never enter the pool, and a 4-D mask is replaced by the call's 2-D
+        one; raises where the padding cannot be told."""
+        attention, labels, prompt_mask = self._inputs
+        length = self.shape[1] if self.shape else None
+        prompt = self._prompt
+        if attention is not None and not self._fits(attention):
+            attention = self._call_attention(attention, prompt_mask is not None)
+        if prompt_mask is None and prompt is not None and length is not None and length > prompt.length:
+            # assisted / prompt-lookup decoding: the first forward carries the prompt, then draft tokens
+            prompt_mask = torch.arange(length) < prompt.length
+            prompt_mask = prompt_mask.expand(self.shape[0], -1)
+        return build_pool_mask(attention, labels, prompt_mask, length)
+
+    def _call_attention(self, attention: Any, has_prompt_mask: bool) -> torch.Tensor | None:
+        """The call's 2-D attention mask for this forward's tokens, standing in for ``attention`` (a 4-D mask or
+        another form whose padding cannot be told); repeated for beams, extended (attended) for draft tokens."""
+        call = None if self._prompt is None else self._prompt.attention_mask
+        if call is not None and self.shape is not None and self.shape[0] % call.shape[0] == 0:
+            call = call.repeat_interleave(self.shape[0] // call.shape[0], dim=0)
+            extra = self.shape[1] - call.shape[1]
+            return torch.cat([call, call.new_ones(call.shape[0], extra)], dim=1) if extra > 0 else call
+        if has_prompt_mask:
+            return None  # the caller's prompt_mask says which tokens route
+        form = f"a {attention.dim()}-D tensor" if isinstance(attention, torch.Tensor) else type(attention).__name__
+        raise ValueError(
+            f"MiLoRA: the attention mask of this forward is {form}, from which the padding tokens that must stay out of "
+            "the routing cannot be told. Pass the 2-D `attention_mask` (batch, seq) instead, or `prompt_mask` "
+            "(batch, seq) marking the tokens to route on."
+        )
 
     def record(self, record: RouterRecord) -> None:
         """Keep ``record`` for the post-hook; a re-run during backward (checkpointing) records nothing."""
@@ -255,9 +315,10 @@ def current_session() -> RoutingSession | None:
 
 
 @contextmanager
-def generation_routing() -> Iterator[None]:
-    """Within this context every forward reuses the routing of the first one (one ``generate`` call)."""
-    token = _GENERATION.set(GenerationCall())
+def generation_routing(prompt: Prompt | None = None) -> Iterator[None]:
+    """Within this context every forward reuses the routing of the first one (one ``generate`` call), which routes
+    on ``prompt``'s tokens (:class:`Prompt`)."""
+    token = _GENERATION.set(GenerationCall(prompt=prompt))
     try:
         yield
     finally:
@@ -296,8 +357,8 @@ def session_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         _check_cache_rows(cache, rows)
     else:
         reuse, continues = None, False
-    scratch = None if generation is None else generation.scratch
-    RoutingSession(inputs, reuse, continues, rows, scratch).enter()
+    scratch, prompt = (None, None) if generation is None else (generation.scratch, generation.prompt)
+    RoutingSession(inputs, reuse, continues, rows, scratch, prompt).enter()
     return args, kwargs
 
 
