@@ -35,3 +35,23 @@ def test_a_shared_field_keeps_its_help_under_another_default():
     for f in dataclasses.fields(MiLoRAConfig):
         if f.name in ("r", "lora_alpha"):
             assert f.default != shared[f.name].default and f.metadata == shared[f.name].metadata
+
+
+def _numeric_fields(config_cls) -> list[str]:
+    """The config's fields whose default is a real number (int or float, not bool)."""
+    return [
+        f.name
+        for f in dataclasses.fields(config_cls)
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) and f.name != "loramix_format"
+    ]
+
+
+@pytest.mark.parametrize("config_cls", [MoRConfig, MiLoRAConfig])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_numeric_field_refuses_non_finite_values_naming_the_field(config_cls, value):
+    """Enumerated from the dataclass, so a new numeric field is covered without a new test."""
+    fields = _numeric_fields(config_cls)
+    assert {"r", "lora_alpha", "lora_dropout", "router_aux_loss_coef"} <= set(fields)
+    for name in fields:
+        with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
+            config_cls(**{name: value})

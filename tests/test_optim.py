@@ -63,7 +63,13 @@ def test_other_adapters_are_one_group():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"), [({"lr": -1.0}, "`lr`"), ({"lr": 1e-3, "router_lr": "x"}, "`router_lr`")]
+    ("kwargs", "message"),
+    [({"lr": -1.0}, "`lr`"), ({"lr": 1e-3, "router_lr": "x"}, "`router_lr`")]
+    + [
+        ({"lr": 1e-3, label: value} if label != "lr" else {"lr": value}, f"`{label}`")
+        for label in ("lr", "router_lr", "omega_lr", "weight_decay")
+        for value in (float("nan"), float("inf"), float("-inf"))
+    ],
 )
 def test_bad_rates_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -27,6 +27,8 @@ declaration lists it. With
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .method import registered_methods
@@ -68,8 +70,10 @@ def parameter_groups(
         The non-empty groups, in the order ``adapter``, ``vectors``, ``router``, ``omega``.
     """
     for label, value in (("lr", lr), ("router_lr", router_lr), ("omega_lr", omega_lr), ("weight_decay", weight_decay)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"`{label}` must be a number >= 0, got {value!r}.")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+        ):
+            raise ValueError(f"`{label}` must be a finite number >= 0, got {value!r}.")
     rates = {
         "adapter": lr,
         "vectors": lr,

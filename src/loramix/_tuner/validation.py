@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable
 
@@ -18,6 +19,8 @@ def check_number(field: str, value: object, minimum: float, maximum: float | Non
     """``value`` must be a real number in ``[minimum, maximum]`` (``maximum`` excluded if ``open_max``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{field}` must be a number, got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(value):
+        raise ValueError(f"`{field}` must be a finite number, got {value}.")
     upper_ok = maximum is None or (value < maximum if open_max else value <= maximum)
     if not (value >= minimum and upper_ok):  # also rejects NaN
         upper = "" if maximum is None else (f", < {maximum}" if open_max else f", <= {maximum}")
