@@ -13,12 +13,21 @@ Which implementation runs is chosen by the backend, from ``set_backend()`` or el
 environment variable ``LORAMIX_KERNELS``:
 
 ``auto`` (default)
-    Triton for CUDA tensors when ``triton`` can be imported; the PyTorch path everywhere else.
+    Triton for CUDA tensors when ``triton`` can be imported, **guarded**: the first call of each kernel
+    family on a device, dtype, mode (training / inference) and kernel variant runs the kernel and the
+    PyTorch maths (float64) on the same inputs, drawn for the call's shapes, forward and in training
+    backward, and compares; on a mismatch, an exception or a compile failure that key falls back to the
+    PyTorch path for the rest of the process, with one :class:`KernelFallbackWarning` (``guard.py``;
+    :func:`guard_decisions` lists the verdicts). The PyTorch path everywhere else (CPU).
 ``triton``
-    Always Triton. CPU tensors then need ``TRITON_INTERPRET=1`` set before Triton is first used
+    Always Triton, unchecked. CPU tensors then need ``TRITON_INTERPRET=1`` set before Triton is first used
     (Triton's interpreter: slow, for tests only); without it a clear error is raised.
 ``torch``
-    Never Triton.
+    Never Triton: the entry points below compute the same maths in PyTorch (``reference.py``).
+
+On compute capability 9.0 (H100, H200) the launches whose pipelined products take a left operand from
+registers run with ``num_stages=1`` (``hardware.py``: triton-lang/triton issue 9433, as vLLM does for its
+expand kernel).
 
 Nothing here imports Triton until a kernel is actually needed, so ``import loramix`` stays cheap and
 works without Triton installed (``pip install loramix[triton]`` adds it).
@@ -33,6 +42,9 @@ import os
 from collections.abc import Iterator
 
 import torch
+
+from . import guard, reference
+from .guard import KernelFallbackWarning
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "LORAMIX_KERNELS"
@@ -90,7 +102,11 @@ def interpreter_enabled() -> bool:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether the Triton kernels should run for ``tensor`` under the current backend."""
+    """Whether the Triton kernels should run for ``tensor`` under the current backend.
+
+    Under ``auto`` this says whether to *try* them (CUDA and Triton); the entry points below then decide per
+    kernel family through the guard, and run the PyTorch maths for a family that failed its check.
+    """
     choice = get_backend()
     if choice == "torch":
         return False
@@ -110,35 +126,59 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return True
 
 
+def _dispatch(family: str, args: tuple, kwargs: dict):
+    """Run ``family`` as the backend says: the PyTorch maths, the kernel, or the kernel behind the guard."""
+    choice = get_backend()
+    fallback = getattr(reference, family)
+    if choice == "torch" or (choice == "auto" and not triton_available()):
+        return fallback(*args, **kwargs)
+    if family == "mor_linear":
+        from .mor_triton import mor_linear as kernel
+    else:
+        from . import segmented
+
+        kernel = getattr(segmented, family)
+    if choice == "triton":
+        return kernel(*args, **kwargs)
+    return guard.run(family, kernel, fallback, args, kwargs)
+
+
 def mor_linear(*args, **kwargs):
     """Fused MoR update; see :func:`loramix.kernels.mor_triton.mor_linear`. Imports Triton on first use."""
-    from .mor_triton import mor_linear as impl
-
-    return impl(*args, **kwargs)
+    return _dispatch("mor_linear", args, kwargs)
 
 
 def segmented_lora(*args, **kwargs):
     """Row-selected LoRA; see :func:`loramix.kernels.segmented.segmented_lora`. Imports Triton on first use."""
-    from .segmented import segmented_lora as impl
-
-    return impl(*args, **kwargs)
+    return _dispatch("segmented_lora", args, kwargs)
 
 
 def grouped_lora(*args, **kwargs):
     """Several adapters' row-selected LoRAs in one launch pair; see :func:`loramix.kernels.segmented.grouped_lora`."""
-    from .segmented import grouped_lora as impl
+    return _dispatch("grouped_lora", args, kwargs)
 
-    return impl(*args, **kwargs)
+
+def guard_decisions() -> list[dict]:
+    """The ``auto`` guard's decisions so far in this process, one dict per key (kernel or PyTorch, and why)."""
+    return [decision.as_dict() for decision in guard.decisions().values()]
+
+
+def reset_guard() -> None:
+    """Forget the ``auto`` guard's decisions: each kernel family is checked again on its next call."""
+    guard.reset()
 
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "KernelFallbackWarning",
     "backend",
     "get_backend",
     "grouped_lora",
+    "guard_decisions",
     "interpreter_enabled",
     "mor_linear",
+    "reset_guard",
     "segmented_lora",
     "set_backend",
     "triton_available",

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .hardware import pipeline_options
+
 # --------------------------------------------------------------------------------------------- kernels
 
 
@@ -392,6 +394,7 @@ class _MoRFunction(torch.autograd.Function):
             x2, xr2, A, WR, z, probs, T, d_in, x2.stride(0), xr2.stride(0),
             R=rank, N=num_experts, HAS_ROUTER=router is not None, SAME_X=same_x,
             BLOCK_T=bt, BLOCK_K=tiles["BLOCK_K"], BLOCK_R=block_r, BLOCK_N=block_n, DOT=dot, PREC=prec,
+            **pipeline_options(dev, lhs_in_registers=x2.dtype != compute_dtype),  # autocast: x cast in registers
         )  # fmt: skip
 
         out = torch.empty(T, d_out, device=dev, dtype=compute_dtype)
@@ -403,6 +406,7 @@ class _MoRFunction(torch.autograd.Function):
             probs, z, OA, OB, B, res2, out, T, d_out, float(scaling), res2.stride(0), out.stride(0),
             R=rank, N=num_experts, HAS_RES=residual is not None,
             BLOCK_T=bt, BLOCK_O=tiles["BLOCK_O"], BLOCK_J=block_j, DOT=dot, PREC=prec,
+            **pipeline_options(dev, lhs_in_registers=True),  # y is rebuilt in registers (hardware.py: SM90)
         )  # fmt: skip
 
         ctx.save_for_backward(x2, xr2 if not same_x else None, A, B, OA, OB, router, z, probs)
@@ -444,7 +448,7 @@ class _MoRFunction(torch.autograd.Function):
             T, d_out, scaling, g.stride(0),
             R=rank, N=num_experts, HAS_ROUTER=has_router, HAS_GP=has_router and gp is not None,
             BLOCK_T=bt, BLOCK_O=tiles["BLOCK_O"], BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_N=block_n,
-            DOT=dot, PREC=prec,
+            DOT=dot, PREC=prec, **pipeline_options(dev, lhs_in_registers=g.dtype != compute_dtype),
         )  # fmt: skip
 
         grad_x = grad_xr = grad_A = grad_B = grad_OA = grad_OB = grad_router = None
@@ -486,6 +490,8 @@ class _MoRFunction(torch.autograd.Function):
                 x2, xr2, dz, dl, da_part, dw_part, T, d_in, t_chunk, x2.stride(0), xr2.stride(0),
                 R=rank, N=num_experts, HAS_ROUTER=has_router, SAME_X=same_x,
                 BLOCK_T=bt, BLOCK_I=tiles["BLOCK_I"], BLOCK_R=block_r, BLOCK_N=block_n, DOT=dot, PREC=prec,
+                # dz (float32) is cast to a half compute dtype in registers (hardware.py: SM90)
+                **pipeline_options(dev, lhs_in_registers=compute_dtype in (torch.float16, torch.bfloat16)),
             )  # fmt: skip
             grad_A = da_part.sum(0).to(A.dtype)
             if has_router:

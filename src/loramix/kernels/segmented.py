@@ -27,6 +27,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from . import reference
+from .hardware import pipeline_options
+
 
 @triton.jit
 def _grouped_shrink_kernel(
@@ -139,6 +142,8 @@ def _launch(x3, out3, stack_A, stack_B, gather, counts, factor) -> None:
         z, gather, counts, B, out3, slots, seq_len, d_out, out3.stride(0), out3.stride(1),
         B.stride(0), B.stride(1), B.stride(2),
         R=rank, BLOCK_G=block_g, BLOCK_O=block_o, BLOCK_R=block_r, DOT=dot, PREC=prec,
+        # the float32 shrink output is cast in registers: vLLM's expand pattern (hardware.py: SM90, triton#9433)
+        **pipeline_options(x3.device, lhs_in_registers=True),
     )  # fmt: skip
 
 
@@ -187,26 +192,8 @@ def segmented_lora(
     return out
 
 
-def segmented_lora_reference(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    rows: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    scaling: float = 1.0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The same in PyTorch (gather, LoRA, scatter-add): the fallback and the test oracle."""
-    if out is None:
-        out = torch.zeros(*x.shape[:-1], lora_B.shape[0], device=x.device, dtype=x.dtype)
-    rows = rows.reshape(-1).to(device=x.device, dtype=torch.long)
-    if rows.numel() == 0:
-        return out
-    delta = (x.index_select(0, rows) @ lora_A.T.to(x.dtype)) @ lora_B.T.to(x.dtype) * scaling
-    if weights is not None:
-        delta = delta * weights.to(delta.dtype).reshape(-1, *([1] * (delta.dim() - 1)))
-    out.index_add_(0, rows, delta.to(out.dtype))
-    return out
+# The same in PyTorch (gather, LoRA, scatter-add): the fallback and the test oracle (kernels/reference.py).
+segmented_lora_reference = reference.segmented_lora
 
 
 def grouped_lora(
