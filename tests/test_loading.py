@@ -79,9 +79,31 @@ def test_truncated_weights(adapter_dir):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="adapter_model.safetensors does not belong"):
         PeftModel.from_pretrained(tiny_llama(), adapter_dir)
-    edit_config(adapter_dir, weights_sha256=None)  # even without the hash, safetensors refuses the file
-    with pytest.raises(Exception, match="(?i)deserializ|incomplete|invalid|header"):
-        PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_damaged_weights_file_without_a_hash_is_named_on_every_loading_path(tmp_path, damage, fmt, input_ids):
+    """A config with no ``weights_sha256`` (written by hand or by another tool): the damaged file is named in the
+    error, before anything is loaded, and the model is as before the call."""
+    model = get_peft_model(tiny_llama(), MoRConfig(r=4, num_experts=3, init_weights=False, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path, safe_serialization=fmt == "safetensors")
+    edit_config(tmp_path, weights_sha256=None)
+    path = tmp_path / f"adapter_model.{fmt}"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:-100], "garbage": b"\x13" * 64 + data[64:], "empty": b""}[damage])
+    base = tiny_llama()
+    with torch.no_grad():
+        before = base(input_ids=input_ids).logits
+    message = rf"adapter weights file .*adapter_model\.{fmt} is damaged"
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, tmp_path)
+    with pytest.raises(ValueError, match=message):
+        base.load_adapter(str(tmp_path))
+    assert not hasattr(base, "peft_config") or not base.peft_config
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=input_ids).logits, before)
 
 
 def test_missing_weights_file(adapter_dir):

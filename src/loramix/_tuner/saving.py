@@ -30,8 +30,10 @@ import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 # The weights of the previous save, kept while a new safetensors save is under way.
@@ -129,6 +131,35 @@ def finish_save(directory: str, weights: str | None) -> None:
             os.unlink(path)
 
 
+def check_readable(path: str) -> None:
+    """Raise ``ValueError`` naming ``path`` if it is not a complete weights file, before anything is loaded.
+
+    For a config with no ``weights_sha256`` (written by hand or by another tool) this is the only check: a
+    truncated or overwritten ``adapter_model.safetensors`` would otherwise surface as safetensors' own error,
+    which names no file. safetensors checks the header and that the tensors' offsets cover the file exactly; a
+    ``.bin`` is a zip archive whose every member's CRC is checked (the unpickling itself happens in PEFT, with
+    ``weights_only=True``).
+    """
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        elif zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"member {bad!r} fails its CRC check")
+        else:
+            with open(path, "rb") as handle:
+                if handle.read(1) != b"\x80":  # torch's legacy (pre-zip) format is a pickle: protocol opcode first
+                    raise ValueError("neither a zip archive (torch.save) nor a legacy torch pickle")
+    except Exception as error:  # safetensors raises its own SafetensorError, zipfile BadZipFile, ...
+        raise ValueError(
+            f"The adapter weights file {path} is damaged or not a weights file ({type(error).__name__}: {error}); "
+            "nothing was loaded. Save the adapter again, or restore the file."
+        ) from error
+
+
 def resolve_weights(directory: str, weights_sha256: str | None) -> str | None:
     """Check, before PEFT loads them, that the weights PEFT will pick in ``directory`` belong to the config.
 
@@ -141,7 +172,9 @@ def resolve_weights(directory: str, weights_sha256: str | None) -> str | None:
     bin_path = os.path.join(directory, WEIGHTS_NAME)
     journal = os.path.join(directory, PREVIOUS_WEIGHTS_NAME)
     picked = next((p for p in (safetensors_path, bin_path) if os.path.isfile(p)), None)
-    if weights_sha256 is None:  # a config saved alone, or written by hand / another tool
+    if weights_sha256 is None:  # a config saved alone, or written by hand / another tool: no hash to check
+        if picked is not None:
+            check_readable(picked)
         return picked
 
     def belongs(path: str) -> bool:

@@ -10,7 +10,10 @@ those registers while the next iteration's prologue overwrites them; with the pt
 with Triton this gives wrong results, and intermittently, since it is a race. vLLM's Punica-style LoRA
 kernels hit it in their *expand* kernel (its left operand is the shrink output, cast to the weight dtype
 in registers), and vLLM launches that kernel with ``num_stages=1`` on compute capability (9, 0): a
-single stage waits for each ``wgmma`` before the registers are reused.
+single stage waits for each ``wgmma`` before the registers are reused. (Verified in the vLLM 0.34.0 wheel,
+``vllm/lora/ops/triton_ops/lora_expand_op.py`` l. 230-238: when the float32 input is cast to float16/bfloat16
+weights, ``NUM_STAGES = 1`` on capability 90, "miscompiled by ptxas < 13.3 on SM90 (triton-lang/triton#9433)".
+loramix applies it whatever the ptxas version: the affected loops are short.)
 
 Our kernels share the pattern in these launches, which therefore take ``num_stages=1`` on SM90
 (:func:`pipeline_options`), everywhere else Triton's default:
