@@ -71,3 +71,54 @@ def test_unknown_architecture_lists_the_modules_to_set(method):
     with pytest.raises(ValueError, match=r"target_modules") as error:
         get_peft_model(model, config(method))
     assert all(name in str(error.value) for name in ("qkv_proj", "out_proj", "fc_in", "fc_out"))
+
+
+def _tiny_opt(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.OPTConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=64, word_embed_proj_dim=16, init_std=0.3,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(config).eval()
+
+
+def _left_padded(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.ones(len(lengths), width, dtype=torch.long)  # OPT's pad token id is 1
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(2, 64, (n,), generator=generator)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def test_opt_flattened_ffn_tokens_keep_each_rows_routing_and_adapter():
+    """OPT's fc1/fc2 see (batch·tokens, hidden): MiLoRA experts there and MoR mixed-adapter batches there compute each
+    row as it is computed alone (greedy tokens and last logits of a left-padded batch)."""
+    from loramix import MiLoRAConfig, MoRConfig
+
+    ids, mask = _left_padded([6, 3])
+    milora = get_peft_model(
+        _tiny_opt(),
+        MiLoRAConfig(
+            r=4, top_k=2, init_weights=False, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "fc1", "fc2"],
+            router_anchor="self_attn_layer_norm", task_type="CAUSAL_LM",
+        ),
+    ).eval()  # fmt: skip
+    mor = get_peft_model(
+        _tiny_opt(), MoRConfig(r=4, num_experts=3, init_weights=False, lora_dropout=0.0, task_type="CAUSAL_LM"), "a"
+    ).eval()
+    mor.add_adapter("b", MoRConfig(r=4, num_experts=2, init_weights=False, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 1}
+    cases = [(milora, None), (mor, ["a", "b"])]
+    for model, names in cases:
+        extra = {} if names is None else {"adapter_names": names}
+        batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs, **extra)
+        for row in range(ids.shape[0]):
+            keep = mask[row].bool()
+            if names is not None:
+                model.set_adapter(names[row])
+            alone = model.generate(input_ids=ids[row : row + 1, keep], **kwargs)
+            assert batched[row, ids.shape[1] :].tolist() == alone[0, int(keep.sum()) :].tolist(), (names, row)

@@ -419,10 +419,12 @@ class Linear(nn.Module, MiLoRATunerLayer):
         return result + zero.to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            return result
-        session = current_session()
+            return self.base_layer(x, *args, **kwargs)
+        layout = None if (session := current_session()) is None else session.token_layout(x)
+        if layout is not None:  # the batch's tokens flattened (OPT's fc1/fc2): rows follow from batch x tokens
+            return self.forward(x.reshape(*layout, x.shape[-1]), *args, **kwargs).flatten(0, 1)
+        result = self.base_layer(x, *args, **kwargs)
         names = [name for name, _ in adapter_rows(session, self.active_adapters, self.milora_A, x)]
         if session is not None and session.rows is not None and not torch.is_grad_enabled():
             grouped = [name for name in names if name not in self.milora_magnitude]  # MiDoRA: per adapter

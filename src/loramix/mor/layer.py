@@ -178,10 +178,12 @@ class Linear(nn.Module, MoRLayer):
         """``W x + b + (α/r) Σ_i G_i(x) Ω_B[i] ⊙ B(Ω_A[i] ⊙ A x)`` per active adapter (paper Eq. 11, 15)."""
         if self.disable_adapters and self.merged:
             self.unmerge()
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
-            return result
-        session = current_session()
+            return self.base_layer(x, *args, **kwargs)
+        layout = None if (session := current_session()) is None else session.token_layout(x)
+        if layout is not None:  # the batch's tokens flattened (OPT's fc1/fc2): rows follow from batch x tokens
+            return self.forward(x.reshape(*layout, x.shape[-1]), *args, **kwargs).flatten(0, 1)
+        result = self.base_layer(x, *args, **kwargs)
         pairs = adapter_rows(session, self.active_adapters, self.mor_A, x)
         grouped = session is not None and session.rows is not None and len(pairs) > 1 and x.dim() == 3
         if grouped and not torch.is_grad_enabled() and len({self.mor_A[name].dtype for name, _ in pairs}) == 1:

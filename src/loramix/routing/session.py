@@ -281,6 +281,14 @@ class RoutingSession:
             "(batch, seq) marking the tokens to route on."
         )
 
+    def token_layout(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """``(batch, tokens)`` when ``x`` holds this forward's tokens flattened into one dimension (OPT's ``fc1`` /
+        ``fc2`` see ``(batch·tokens, hidden)``), so a layer can view it as ``(batch, tokens, hidden)`` and every
+        row keeps its adapter and routing; ``None`` for any other input."""
+        if self.shape is None or x.dim() != 2 or x.shape[0] != self.shape[0] * self.shape[1]:
+            return None
+        return self.shape
+
     def record(self, record: RouterRecord) -> None:
         """Keep ``record`` for the post-hook; a re-run during backward (checkpointing) records nothing."""
         if not self.closed:
