@@ -60,7 +60,9 @@ class Contender:
         self.decode_s: list[float] = []
         self.routings = 0
         self.reroute = reroute_on is not None
-        if self.reroute:  # the ablation: MiLoRA must not reuse the routing of its prompt (loramix.routing.session internals)
+        if (
+            self.reroute
+        ):  # the ablation: MiLoRA must not reuse the routing of its prompt (loramix.routing.session internals)
             from loramix.routing import session as routing_module
 
             def forget_routing(module, args, kwargs):

@@ -81,7 +81,6 @@ def test_truncated_weights(adapter_dir):
         PeftModel.from_pretrained(tiny_llama(), adapter_dir)
 
 
-
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_a_damaged_weights_file_without_a_hash_is_named_on_every_loading_path(tmp_path, damage, fmt, input_ids):

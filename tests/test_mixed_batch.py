@@ -387,8 +387,8 @@ def test_mor_groups_adapters_unless_padding_would_double_the_work(tmp_path, monk
     """Grouping pads every adapter of a layer to its largest group; when that would more than double the work
     (here 3 adapters x 8 slots for 10 rows; the padding budget that lets short inputs group anyway set to 0)
     each adapter runs on its own rows. Both ways, every row equals the row alone."""
-    from loramix.routing import mixed_batch
     from loramix.mor.layer import Linear
+    from loramix.routing import mixed_batch
 
     monkeypatch.setattr(mixed_batch, "PADDING_BUDGET", 0)
 

@@ -266,5 +266,7 @@ def test_only_the_fences_touch_other_libraries_internals():
             continue
         text = path.read_text()
         offenders += [f"{relative}: {marker}" for marker in markers if re.search(rf"(?<!\w){marker}(?!\w)", text)]
-        offenders += [f"{relative}: {m.group(0)[:60]!r}" for m in imports.finditer(text) if re.search(r"\b_[a-z]", m[1])]
+        offenders += [
+            f"{relative}: {m.group(0)[:60]!r}" for m in imports.finditer(text) if re.search(r"\b_[a-z]", m[1])
+        ]
     assert not offenders, offenders

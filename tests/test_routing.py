@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 
 from loramix import MiLoRAConfig, MoRConfig
-from loramix.routing import session as routing_module
 from loramix.milora.layer import MiLoRARouter
+from loramix.routing import session as routing_module
 from loramix.routing.session import RoutingSession, capture_routing
 from tests.milora.common import left_pad, random_tokens, wide_llama
 from tests.milora.test_routing import count_routes, greedy_without_cache

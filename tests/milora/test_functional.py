@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramix.routing.balance import switch_balance_loss
 from loramix.milora import functional as F
+from loramix.routing.balance import switch_balance_loss
 from tests.milora.reference import (
     balance_reference,
     expert_reference,

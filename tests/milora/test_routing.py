@@ -357,7 +357,10 @@ def test_preallocated_caches_keep_padding_out_of_the_pool(mode, monkeypatch):
         assert got.tolist() == alone[0, len(sequence) :].tolist(), (mode, row)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the offloaded caches run; routing with them is not tested yet (no GPU in CI)")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="with CUDA the offloaded caches run; routing with them is not tested yet (no GPU in CI)",
+)
 @pytest.mark.parametrize("implementation", ["offloaded", "offloaded_static"])
 def test_offloaded_caches_need_cuda_upstream(implementation):
     """transformers' offloaded caches need CUDA: on CPU transformers itself refuses them (asserted as exactly

@@ -59,20 +59,19 @@ from contextlib import contextmanager
 
 import peft.peft_model
 import torch
-from torch import nn
 from peft.tuners.tuners_utils import (  # private helpers: point 5
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
     _maybe_include_all_linear_layers,
 )
-from peft.utils import AuxiliaryTrainingWrapper, SAFETENSORS_WEIGHTS_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, AuxiliaryTrainingWrapper
 from peft.utils.peft_types import PeftType, register_peft_method
+from torch import nn
 
 from loramix._compat.transformers import install_strict_transformers_loading
 from loramix._tuner.saving import write_adapter_safetensors
 from loramix._tuner.undo import ModelState
 from loramix.method import Method, holds_loramix, is_loramix_state_dict, register_method
-
 
 
 def extend_peft_type(name: str) -> PeftType:
@@ -194,7 +193,9 @@ def _row_adapters(module: nn.Module, names: Sequence[str]) -> list[str]:
 
 
 @contextmanager
-def auxiliary_modules_per_row(model: nn.Module, row_names: Callable[[nn.Module], Sequence[str] | None]) -> Iterator[None]:
+def auxiliary_modules_per_row(
+    model: nn.Module, row_names: Callable[[nn.Module], Sequence[str] | None]
+) -> Iterator[None]:
     """Within this context, PEFT's ``modules_to_save`` / trainable-token wrappers of ``model`` compute each row with
     its own adapter (point 4). ``row_names(module)`` gives the current forward's adapter per row (``None``: leave the
     call as it is); it may raise where the rows cannot be known."""

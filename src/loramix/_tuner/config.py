@@ -36,8 +36,8 @@ from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 from peft.utils.peft_types import PeftType
 
-from loramix._tuner.validation import check_choice, check_int, check_layers_to_transform, check_number
 from loramix._tuner.saving import atomic_write_bytes, file_sha256, finish_save, resolve_weights, weights_of_this_save
+from loramix._tuner.validation import check_choice, check_int, check_layers_to_transform, check_number
 
 # Bump when a saved adapter could not be loaded correctly by an older loramix.
 LORAMIX_FORMAT = 1

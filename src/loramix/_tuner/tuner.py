@@ -6,13 +6,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from loramix._tuner.loading import check_adapter_state_dict
-from loramix._compat.transformers import ignore_router_outputs_at_inference, restore_keys_to_ignore_at_inference
 from loramix._compat.peft import auxiliary_modules_per_row
+from loramix._compat.transformers import ignore_router_outputs_at_inference, restore_keys_to_ignore_at_inference
+from loramix._tuner.loading import check_adapter_state_dict
 from loramix._tuner.undo import ModelState
 from loramix.routing.mixed_batch import (
     adapters_per_row,
@@ -188,5 +187,9 @@ class LoramixTunerMixin:
         names = check_adapter_names(names, list(self.peft_config), self.training, merged)
         check_names_per_input(names, None if prompt is None else prompt.batch)
         expansions = generation_expansions(kwargs, getattr(self.model, "generation_config", None))
-        with generation_routing(prompt), adapters_per_row(names, expansions), auxiliary_modules_per_row(self.model, _row_names):
+        with (
+            generation_routing(prompt),
+            adapters_per_row(names, expansions),
+            auxiliary_modules_per_row(self.model, _row_names),
+        ):
             yield

@@ -22,11 +22,11 @@ from torch import nn
 
 from loramix import kernels
 from loramix._tuner.layer import init_adapter_state
+from loramix.milora import functional as F_milora
+from loramix.milora.config import MiLoRAConfig
 from loramix.routing.balance import attach_pending
 from loramix.routing.mixed_batch import padding_fits
 from loramix.routing.session import RouterRecord, RoutingSession, adapter_rows, current_session
-from loramix.milora import functional as F_milora
-from loramix.milora.config import MiLoRAConfig
 
 
 class RoutingState:

@@ -26,7 +26,6 @@ from loramix.milora.config import MiLoRAConfig
 from loramix.milora.layer import MERGE_ERROR, Linear, MiLoRARouter, MiLoRATunerLayer
 
 
-
 def _block_of(model: nn.Module, key: str, anchor: str) -> str | None:
     """The name of the innermost ancestor of module ``key`` that has a child named ``anchor``."""
     parts = key.split(".")

@@ -11,11 +11,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from loramix._tuner.layer import init_adapter_state
+from loramix.mor.config import MoRConfig
+from loramix.mor.functional import MoRDropout, grouped_mor, mor_delta_weight, mor_linear
 from loramix.routing.balance import attach_pending
 from loramix.routing.mixed_batch import padding_fits
 from loramix.routing.session import RouterRecord, adapter_rows, current_session
-from loramix.mor.config import MoRConfig
-from loramix.mor.functional import MoRDropout, grouped_mor, mor_delta_weight, mor_linear
 
 
 def routed_merge_error(adapter_names: list[str]) -> str:

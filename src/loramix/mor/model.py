@@ -6,7 +6,6 @@ from peft.tuners.tuners_utils import BaseTuner
 
 from loramix._tuner.tuner import LoramixTunerMixin
 from loramix.constants import TRANSFORMERS_MODELS_TO_FFN_TARGET_MODULES
-from loramix.mor.config import MoRConfig
 from loramix.mor.layer import Linear, MoRLayer, routed_merge_error
 
 

@@ -47,7 +47,6 @@ from torch import nn
 from transformers import Cache
 
 from loramix._compat.torch import has_forward_hook, queue_backward_callback, remove_forward_hooks
-
 from loramix._compat.transformers import with_output_fields
 from loramix.routing.balance import balance_losses
 from loramix.routing.mixed_batch import AdapterRows, requested, rows_for_batch
