@@ -9,6 +9,7 @@ PEFT costs seconds, the loading itself milliseconds.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -53,8 +54,9 @@ def saved(tmp_path_factory):
     return root
 
 
-def run_fresh(code: str, root: Path) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter once per method, with ``method``, ``adapter`` and ``check`` defined."""
+def run_fresh(code: str, root: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter once per method, with ``method``, ``adapter`` and ``check`` defined;
+    ``env`` adds to the environment (e.g. ``LORAMIX_AUTOLOAD=0``: no start-up hook)."""
     prelude = f"""
         import torch
         from safetensors.torch import load_file
@@ -73,7 +75,14 @@ def run_fresh(code: str, root: Path) -> subprocess.CompletedProcess:
             adapter = root + "/" + method
     """
     script = textwrap.dedent(prelude) + textwrap.indent(textwrap.dedent(code), " " * 4)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 LOADERS = {
@@ -132,7 +141,8 @@ def test_loading_path_in_fresh_process(saved, path):
 
 
 def test_without_import_loramix_loading_fails_loudly(saved):
-    """PEFT has no plugin mechanism: without `import loramix` the load must fail, never half-load."""
+    """PEFT has no plugin mechanism: with the start-up hook off (``LORAMIX_AUTOLOAD=0``) and no `import loramix`, the
+    load must fail, never half-load (with the hook on it loads: ``tests/integration/test_autoload.py``)."""
     result = run_fresh(
         """
         from peft import PeftModel
@@ -145,6 +155,7 @@ def test_without_import_loramix_loading_fails_loudly(saved):
             print(method, "LOADED")
         """,
         saved,
+        env={"LORAMIX_AUTOLOAD": "0"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED" not in result.stdout
@@ -235,7 +246,11 @@ def test_registration_happens_once_at_import_and_configs_touch_nothing():
     building configs runs no registration code (the subprocess asserts it and that list(PeftType) grew by
     exactly MOR and MILORA)."""
     script = REGISTRATION_STATE.format(repo=str(REPO))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    # the start-up hook off: this test measures what `import loramix` itself changes, from a process without it
+    env = {**os.environ, "LORAMIX_AUTOLOAD": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith(("import", "after")))
     expected = [

@@ -7,7 +7,10 @@
 
     model = get_peft_model(base, loramix.MoRConfig(r=8, num_experts=8, task_type="CAUSAL_LM"))
     model.save_pretrained("out")
-    model = PeftModel.from_pretrained(base, "out")   # needs `import loramix` first in that process
+    model = PeftModel.from_pretrained(base, "out")
+
+Installed loramix also registers them in any process as soon as it imports ``peft`` (the start-up hook of
+``loramix_autoload``; ``LORAMIX_AUTOLOAD=0`` turns it off): loading an adapter needs no ``import loramix``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
