@@ -235,11 +235,19 @@ def _fit(n: int, cap: int) -> int:
 # --------------------------------------------------------------------------------------------- families
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
-    """Argument ``index`` / ``name`` of a call, without binding the signature (the hot path)."""
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
+def _positions(signature: inspect.Signature, *names: str) -> tuple[tuple[int, str], ...]:
+    """``(index, name)`` of the parameters ``names`` of ``signature``: what :func:`_pick` reads of a call."""
+    order = list(signature.parameters)
+    return tuple((order.index(name), name) for name in names)
+
+
+def _pick(args: tuple, kwargs: dict, positions: tuple[tuple[int, str], ...]) -> list:
+    """The arguments at ``positions`` (:func:`_positions`) of a call, each given by position or by name (``None``
+    if not given), without binding the signature (the hot path: a loop is faster than a comprehension here)."""
+    given, picked = len(args), []
+    for index, name in positions:
+        picked.append(args[index] if index < given else kwargs.get(name))
+    return picked
 
 
 class _Family:
@@ -289,17 +297,13 @@ def _randn(g: torch.Generator, shape, like: torch.Tensor, scale: float = 1.0, me
 class _MoR(_Family):
     name = "mor_linear"
     signature = inspect.signature(reference.mor_linear)
-    _NAMES = ("x", "lora_A", "lora_B", "omega_A", "omega_B", "router")
+    _FAST = _positions(signature, "x", "lora_A", "lora_B", "omega_A", "omega_B", "router", "x_router", "residual")
 
     @staticmethod
     def fast_key(args: tuple, kwargs: dict) -> tuple | None:
-        if len(args) >= 6:  # how the library calls it
-            x, lora_A, lora_B, omega_A, omega_B, router = args[:6]
-        else:
-            x, lora_A, lora_B, omega_A, omega_B, router = (_arg(args, kwargs, i, n) for i, n in enumerate(_MoR._NAMES))
+        x, lora_A, lora_B, omega_A, omega_B, router, x_router, residual = _pick(args, kwargs, _MoR._FAST)
         if x.numel() == 0:
             return None
-        x_router, residual = kwargs.get("x_router"), kwargs.get("residual")
         training = torch.is_grad_enabled() and (
             lora_A.requires_grad or lora_B.requires_grad or omega_A.requires_grad or omega_B.requires_grad
             or x.requires_grad or (router is not None and router.requires_grad)
@@ -391,14 +395,11 @@ class _MoR(_Family):
 class _Segmented(_Family):
     name = "segmented_lora"
     signature = inspect.signature(reference.segmented_lora)
+    _FAST = _positions(signature, "x", "lora_A", "lora_B", "rows", "weights", "out")
 
     @staticmethod
     def fast_key(args: tuple, kwargs: dict) -> tuple | None:
-        if len(args) >= 5:  # how the library calls it
-            x, lora_A, lora_B, rows, weights = args[:5]
-        else:
-            x, lora_A, lora_B, rows, weights = (_arg(args, kwargs, i, n) for i, n in
-                                                enumerate(("x", "lora_A", "lora_B", "rows", "weights")))  # fmt: skip
+        x, lora_A, lora_B, rows, weights, out = _pick(args, kwargs, _Segmented._FAST)
         if rows.numel() == 0:  # launches nothing
             return None
         if torch.is_grad_enabled() and (
@@ -406,7 +407,7 @@ class _Segmented(_Family):
             or lora_A.requires_grad
             or lora_B.requires_grad
             or (weights is not None and weights.requires_grad)
-            or _requires_grad(_arg(args, kwargs, 6, "out"))
+            or _requires_grad(out)
         ):
             return None  # the kernel refuses autograd: its error is the caller's
         seq = x.shape[1] if x.dim() == 3 else 1
@@ -453,20 +454,17 @@ class _Segmented(_Family):
 class _Grouped(_Family):
     name = "grouped_lora"
     signature = inspect.signature(reference.grouped_lora)
+    _FAST = _positions(signature, "x", "stack_A", "stack_B", "factor", "out")
 
     @staticmethod
     def fast_key(args: tuple, kwargs: dict) -> tuple | None:
-        if len(args) >= 6:  # how the library calls it
-            x, stack_A, stack_B, factor = args[0], args[1], args[2], args[5]
-        else:
-            x, stack_A, stack_B, factor = (_arg(args, kwargs, i, n) for i, n in
-                                           ((0, "x"), (1, "stack_A"), (2, "stack_B"), (5, "factor")))  # fmt: skip
+        x, stack_A, stack_B, factor, out = _pick(args, kwargs, _Grouped._FAST)
         if torch.is_grad_enabled() and (
             x.requires_grad
             or stack_A.requires_grad
             or stack_B.requires_grad
             or factor.requires_grad
-            or _requires_grad(_arg(args, kwargs, 6, "out"))
+            or _requires_grad(out)
         ):
             return None  # the kernel refuses autograd: its error is the caller's
         seq = x.shape[1] if x.dim() == 3 else 1

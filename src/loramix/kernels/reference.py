@@ -1,9 +1,9 @@
 """The maths of each kernel family in plain PyTorch: the guard's fallback and its float64 oracle.
 
-Each function here has the signature and the contract of the Triton entry point of the same name
+Each function here is the contract (signature, maths) of the Triton entry point of the same name
 (:func:`loramix.kernels.mor_linear`, :func:`~loramix.kernels.segmented_lora`,
-:func:`~loramix.kernels.grouped_lora`), and computes what the library's PyTorch path computes
-(:mod:`loramix.mor.functional`, :mod:`loramix.milora.functional`). Two uses:
+:func:`~loramix.kernels.grouped_lora`), which declares it with :func:`implements`, and computes what the
+library's PyTorch path computes (:mod:`loramix.mor.functional`, :mod:`loramix.milora.functional`). Two uses:
 
 * the fallback: when the guard (``guard.py``) turns a kernel off, the entry point runs this instead, in
   the caller's dtype, so the result is that of the PyTorch path the caller would otherwise have taken;
@@ -17,8 +17,38 @@ those modules' and ``tests/kernels`` checks both against the kernels.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
+
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+def _parameters(fn: Callable) -> list[tuple]:
+    """The names, kinds and defaults of ``fn``'s parameters."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def implements(contract: Callable) -> Callable[[_Fn], _Fn]:
+    """Decorator of a Triton entry point that computes ``contract`` (a function of this module) its own way.
+
+    The entry point's ``def`` names the parameters only; their annotations and meaning are the contract's. This
+    checks at import time that the names, kinds and defaults are the contract's (the guard binds a call with the
+    contract's signature and may hand it to either function) and gives the entry point the contract's annotated
+    signature (``help``, ``inspect.signature``).
+    """
+
+    def declare(fn: _Fn) -> _Fn:
+        if _parameters(fn) != _parameters(contract):
+            raise TypeError(f"{fn.__qualname__} must take the parameters of {contract.__qualname__}")
+        fn.__signature__ = inspect.signature(contract)
+        fn.__annotations__ = dict(contract.__annotations__)
+        return fn
+
+    return declare
 
 
 def router_probs(x: torch.Tensor, router: torch.Tensor | None, num_experts: int) -> torch.Tensor:
@@ -35,18 +65,16 @@ def router_probs(x: torch.Tensor, router: torch.Tensor | None, num_experts: int)
 
 
 def mor_linear(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    omega_A: torch.Tensor,
-    omega_B: torch.Tensor,
-    router: torch.Tensor | None,
+    x: torch.Tensor,  # (..., d_in)
+    lora_A: torch.Tensor, lora_B: torch.Tensor,  # (r, d_in), (d_out, r)
+    omega_A: torch.Tensor, omega_B: torch.Tensor,  # (N, r), (N, d_out)
+    router: torch.Tensor | None,  # (N, d_in); None: the uniform (mean) router
     scaling: float,
     *,
-    x_router: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([residual +] Δo(x), G(x_router))``, the contract of :func:`loramix.kernels.mor_triton.mor_linear`.
+    x_router: torch.Tensor | None = None,  # (..., d_in), the router's input when it is not x
+    residual: torch.Tensor | None = None,  # (..., d_out)
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``([residual +] Δo(x), G(x_router))``, the contract :func:`loramix.kernels.mor_triton.mor_linear` implements.
 
     ``Δo = scaling · Σ_i G_i · Ω_B[i] ⊙ B (Ω_A[i] ⊙ A x)`` in its rank-``N·r`` form, exactly as
     :func:`loramix.mor.functional.mor_delta` computes it (the LoRA products follow autocast; the router
@@ -75,7 +103,7 @@ def segmented_lora(
 ) -> torch.Tensor:
     """``out[rows[i]] += weights[i] · scaling · B A x[rows[i]]`` in place (gather, LoRA, scatter-add).
 
-    The contract of :func:`loramix.kernels.segmented.segmented_lora`; ``out=None`` starts from zeros.
+    The contract that :func:`loramix.kernels.segmented.segmented_lora` implements; ``out=None`` starts from zeros.
     """
     if out is None:
         out = torch.zeros(*x.shape[:-1], lora_B.shape[0], device=x.device, dtype=x.dtype)
@@ -100,7 +128,7 @@ def grouped_lora(
 ) -> torch.Tensor:
     """``out[gather[l, s]] += factor[l, s] · x[gather[l, s]] stack_A[l] stack_B[l]`` for ``s < counts[l]``, in place.
 
-    The contract of :func:`loramix.kernels.segmented.grouped_lora`, computed as
+    The contract that :func:`loramix.kernels.segmented.grouped_lora` implements, computed as
     :func:`loramix.milora.functional.grouped_lora` does (one gather, two batched matmuls, one scatter-add).
     Slots at or past ``counts[l]`` add exact zeros whatever their ``gather`` and ``factor`` hold, as in the
     kernel, which skips them.
@@ -117,4 +145,4 @@ def grouped_lora(
     return out
 
 
-__all__ = ["grouped_lora", "mor_linear", "router_probs", "segmented_lora"]
+__all__ = ["grouped_lora", "implements", "mor_linear", "router_probs", "segmented_lora"]

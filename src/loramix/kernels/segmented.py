@@ -32,21 +32,34 @@ from .hardware import pipeline_options
 
 
 @triton.jit
+def _tokens(GATHER, lora, pid, n, slots, seq_len, stride_b, stride_t, R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Block ``pid`` of LoRA ``lora``'s ``n`` gathered tokens ``g`` (row ``gather[lora, g // seq_len]``, position
+    ``g % seq_len``): their mask, their slot (index into ``gather`` / ``factor``), their offset in a
+    (batch, seq, ·) tensor of strides ``(stride_b, stride_t)`` and the offset of their row of ``z``."""
+    g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = g < n
+    slot = lora * slots + g // seq_len
+    row = tl.load(GATHER + slot, mask=g_ok, other=0).to(tl.int64)
+    offset = row * stride_b + (g % seq_len).to(tl.int64) * stride_t
+    z_off = (lora * slots * seq_len + g).to(tl.int64) * R
+    return g_ok, slot, offset, z_off
+
+
+@triton.jit
 def _grouped_shrink_kernel(
-    X, GATHER, COUNTS, FACTOR, A, Z,
-    slots, seq_len, D_IN, stride_xb, stride_xt, stride_al, stride_ak, stride_ar,
+    X, stride_xb, stride_xt, D_IN,  # x (batch, seq, d_in), unit stride along d_in
+    A, stride_al, stride_ak, stride_ar,  # the LoRAs' Aᵀ (L, d_in, r)
+    GATHER, COUNTS, FACTOR, slots, seq_len,  # gather and factor (L, slots), counts (L,); seq_len tokens a row
+    Z,  # written: z (L, slots · seq_len, r), float32
     R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
+    """z[l, g] = factor · A_l x[row(g), t(g)] for a block of LoRA l's gathered tokens."""
     lora = tl.program_id(0)
     pid = tl.program_id(1)
     n = tl.load(COUNTS + lora) * seq_len  # gathered tokens of this LoRA
     if pid * BLOCK_G < n:
-        g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
-        g_ok = g < n
-        slot = lora * slots + g // seq_len
-        row = tl.load(GATHER + slot, mask=g_ok, other=0).to(tl.int64)
-        x_off = row * stride_xb + (g % seq_len).to(tl.int64) * stride_xt
+        g_ok, slot, x_off, z_off = _tokens(GATHER, lora, pid, n, slots, seq_len, stride_xb, stride_xt, R, BLOCK_G)
         kr = tl.arange(0, BLOCK_R)
         a_base = A + lora.to(tl.int64) * stride_al
         acc = tl.full((BLOCK_G, BLOCK_R), 0.0, dtype=tl.float32)
@@ -58,30 +71,28 @@ def _grouped_shrink_kernel(
                         mask=col_ok[:, None] & (kr < R)[None, :], other=0.0)  # fmt: skip
             acc = tl.dot(x.to(DOT), a.to(DOT), acc, input_precision=PREC)
         acc = acc * tl.load(FACTOR + slot, mask=g_ok, other=0.0).to(tl.float32)[:, None]
-        z_off = (lora * slots * seq_len + g).to(tl.int64) * R
         tl.store(Z + z_off[:, None] + kr[None, :], acc, mask=g_ok[:, None] & (kr < R)[None, :])
 
 
 @triton.jit
 def _grouped_expand_kernel(
-    Z, GATHER, COUNTS, B, OUT,
-    slots, seq_len, D_OUT, stride_ob, stride_ot, stride_bl, stride_br, stride_bo,
+    Z,  # z (L, slots · seq_len, r), float32, from the shrink
+    B, stride_bl, stride_br, stride_bo,  # the LoRAs' Bᵀ (L, r, d_out)
+    GATHER, COUNTS, slots, seq_len,  # gather (L, slots), counts (L,); seq_len tokens a row
+    OUT, stride_ob, stride_ot, D_OUT,  # added to in place: out (batch, seq, d_out), unit stride along d_out
     R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
+    """out[row(g), t(g)] += B_l z[l, g] for a block of LoRA l's gathered tokens and a block of outputs."""
     lora = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_o = tl.program_id(2)
     n = tl.load(COUNTS + lora) * seq_len
     if pid_g * BLOCK_G < n:
-        g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-        g_ok = g < n
-        row = tl.load(GATHER + lora * slots + g // seq_len, mask=g_ok, other=0).to(tl.int64)
-        o_off = row * stride_ob + (g % seq_len).to(tl.int64) * stride_ot
+        g_ok, _, o_off, z_off = _tokens(GATHER, lora, pid_g, n, slots, seq_len, stride_ob, stride_ot, R, BLOCK_G)
         kr = tl.arange(0, BLOCK_R)
         cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         col_ok = cols < D_OUT
-        z_off = (lora * slots * seq_len + g).to(tl.int64) * R
         z = tl.load(Z + z_off[:, None] + kr[None, :], mask=g_ok[:, None] & (kr < R)[None, :], other=0.0)
         b_base = B + lora.to(tl.int64) * stride_bl
         b = tl.load(b_base + kr[:, None] * stride_br + cols[None, :] * stride_bo,
@@ -134,13 +145,13 @@ def _launch(x3, out3, stack_A, stack_B, gather, counts, factor) -> None:
     z = torch.empty(num, tokens, rank, device=x3.device, dtype=torch.float32)
     A, B = stack_A, stack_B
     _grouped_shrink_kernel[(num, triton.cdiv(tokens, block_g))](
-        x3, gather, counts, factor, A, z, slots, seq_len, d_in, x3.stride(0), x3.stride(1),
-        A.stride(0), A.stride(1), A.stride(2),
+        x3, x3.stride(0), x3.stride(1), d_in, A, A.stride(0), A.stride(1), A.stride(2),
+        gather, counts, factor, slots, seq_len, z,
         R=rank, BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_R=block_r, DOT=dot, PREC=prec,
     )  # fmt: skip
     _grouped_expand_kernel[(num, triton.cdiv(tokens, block_g), triton.cdiv(d_out, block_o))](
-        z, gather, counts, B, out3, slots, seq_len, d_out, out3.stride(0), out3.stride(1),
-        B.stride(0), B.stride(1), B.stride(2),
+        z, B, B.stride(0), B.stride(1), B.stride(2), gather, counts, slots, seq_len,
+        out3, out3.stride(0), out3.stride(1), d_out,
         R=rank, BLOCK_G=block_g, BLOCK_O=block_o, BLOCK_R=block_r, DOT=dot, PREC=prec,
         # the float32 shrink output is cast in registers: vLLM's expand pattern (hardware.py: SM90, triton#9433)
         **pipeline_options(x3.device, lhs_in_registers=True),
@@ -152,15 +163,8 @@ def _refuse_autograd(name: str, *tensors) -> None:
         raise RuntimeError(f"{name} is an inference kernel (no autograd); call it under torch.no_grad().")
 
 
-def segmented_lora(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    rows: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    scaling: float = 1.0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+@reference.implements(reference.segmented_lora)
+def segmented_lora(x, lora_A, lora_B, rows, weights=None, scaling=1.0, out=None):
     """``out[rows[i]] += weights[i] · scaling · B A x[rows[i]]``, touching only the selected rows.
 
     Args:
@@ -196,15 +200,8 @@ def segmented_lora(
 segmented_lora_reference = reference.segmented_lora
 
 
-def grouped_lora(
-    x: torch.Tensor,
-    stack_A: torch.Tensor,
-    stack_B: torch.Tensor,
-    gather: torch.Tensor,
-    counts: torch.Tensor,
-    factor: torch.Tensor,
-    out: torch.Tensor,
-) -> torch.Tensor:
+@reference.implements(reference.grouped_lora)
+def grouped_lora(x, stack_A, stack_B, gather, counts, factor, out):
     """``out[gather[l, s]] += factor[l, s] · x[gather[l, s]] stack_A[l] stack_B[l]`` for ``s < counts[l]``, in place.
 
     Args:
