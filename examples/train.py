@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import string
 import sys
@@ -105,8 +106,9 @@ def load_model_and_tokenizer(name: str, output_dir: Path, seed: int):
         )  # fmt: skip
         model = LlamaForCausalLM(config)
         base_path = output_dir / "base"
-        model.save_pretrained(base_path)  # so that generate.py / plot_routing.py find the same base
-        tokenizer.save_pretrained(base_path)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one writer per machine under `accelerate launch`
+            model.save_pretrained(base_path)  # so that generate.py / plot_routing.py find the same base
+            tokenizer.save_pretrained(base_path)
         return model, tokenizer, base_path
     if name == "smollm2":
         from smollm2 import load_smollm2
@@ -186,10 +188,43 @@ def checkpointing_argument() -> str:
 
 
 # -- main -----------------------------------------------------------------------------------------
+def process_group_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def end_process_group(trainer: Trainer | None) -> None:
+    """Destroy the distributed process group, as accelerate asks of every script it launches.
+
+    ``Accelerator.end_training()`` finishes the trackers, then destroys the group (``Trainer.end()`` of recent
+    transformers calls it too). A group left to the interpreter's exit is torn down while its threads still run,
+    which can abort a rank after training succeeded ("terminate called without an active exception", exit -6).
+    """
+    if not process_group_initialized():
+        return
+    if trainer is not None:
+        trainer.accelerator.end_training()
+    if process_group_initialized():  # no Trainer yet, or an accelerate that leaves the group to the script
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Under `accelerate launch` the Trainer's Accelerator starts the process group: this run then ends it, on every
+    # rank, once all ranks are done (or on the way out of an error). A group that was already there is the caller's.
+    owns_process_group = not process_group_initialized()
+    trainer = None
+    try:
+        trainer, result = train(args)
+        trainer.accelerator.wait_for_everyone()
+        return result
+    finally:
+        if owns_process_group:
+            end_process_group(trainer)
+
+
+def train(args: argparse.Namespace) -> tuple[Trainer, dict[str, Any]]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer, base_path = load_model_and_tokenizer(args.model, args.output_dir, args.seed)
     torch.manual_seed(args.seed)
@@ -244,8 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result.update(routing_report(trainer.model, tokenizer, test_rows, pad_id, args.output_dir))
         (args.output_dir / "train_summary.json").write_text(json.dumps(result, indent=1, default=str))
         print(f"[train] adapter saved to {adapter_dir}")
-    trainer.accelerator.wait_for_everyone()
-    return result
+    return trainer, result
 
 
 def routing_report(model, tokenizer, rows: list[dict], pad_id: int, output_dir: Path) -> dict[str, Any]:

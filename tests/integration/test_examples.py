@@ -86,7 +86,10 @@ def test_accelerate_two_process_launch_of_the_training_script(tmp_path):
     command += ["--batch-size", "4", "--max-examples", "32", "--no-plot", "--output-dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-5000:]
+    # Each rank ends its process group before exiting (examples/train.py: accelerator.end_training()): a group
+    # left to interpreter shutdown can abort a rank after a successful run ("terminate called ...", exit -6).
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
+    assert "terminate called" not in result.stderr, result.stderr[-5000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"
     logs = [e for e in summary["logs"] if "loss" in e]
