@@ -102,6 +102,7 @@ class Prompt:
     batch: int
     length: int
     attention_mask: torch.Tensor | None = None
+    masked: bool = False  # the call gave an attention mask (possibly not a 2-D one)
 
     @classmethod
     def of_call(cls, args: tuple, kwargs: dict[str, Any]) -> Prompt | None:
@@ -110,7 +111,7 @@ class Prompt:
             if isinstance(value, torch.Tensor) and value.dim() >= 2:
                 mask = kwargs.get("attention_mask")
                 two_d = isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(value.shape[:2])
-                return cls(value.shape[0], value.shape[1], mask if two_d else None)
+                return cls(value.shape[0], value.shape[1], mask if two_d else None, mask is not None)
         return None
 
 
@@ -267,6 +268,8 @@ class RoutingSession:
         """The call's 2-D attention mask for this forward's tokens, standing in for ``attention`` (a 4-D mask or
         another form whose padding cannot be told); repeated for beams, extended (attended) for draft tokens."""
         call = None if self._prompt is None else self._prompt.attention_mask
+        if self._prompt is not None and not self._prompt.masked:
+            return None  # the call gave no mask: every token is attended (the 4-D mask is generate's own causal one)
         if call is not None and self.shape is not None and self.shape[0] % call.shape[0] == 0:
             call = call.repeat_interleave(self.shape[0] // call.shape[0], dim=0)
             extra = self.shape[1] - call.shape[1]
