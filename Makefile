@@ -75,8 +75,8 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints/vllm.txt
 	@start=$$(date +%s); set -e; \
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV); \
 	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_TORCH_SPEC); \
-	echo "$(VLLM_VENV)/bin/python -m pip install -q -c constraints/vllm.txt $(VLLM_SPEC) pytest -e ."; \
-	$(VLLM_VENV)/bin/python -m pip install -q -c constraints/vllm.txt $(VLLM_SPEC) pytest -e .; \
+	echo "$(VLLM_VENV)/bin/python -m pip install -q -c constraints/vllm.txt $(VLLM_SPEC) pytest hypothesis -e ."; \
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints/vllm.txt $(VLLM_SPEC) pytest hypothesis -e .; \
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	touch $@; \
 	echo "installed $(VLLM_VENV) in $$(( $$(date +%s) - start ))s"
