@@ -17,12 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from peft import get_peft_model
-from safetensors.torch import save_file
 
 from loramix import MiLoRAConfig, MoRConfig
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import save_adapters_with_expected_logits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,17 +37,7 @@ def saved(tmp_path_factory):
     The inputs are a left-padded batch, so MiLoRA's routing must skip the padding on every path.
     """
     root = tmp_path_factory.mktemp("registration")
-    tiny_llama().save_pretrained(root / "base")
-    input_ids = torch.arange(1, 11).reshape(2, 5)
-    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
-    for method, (config, _, _) in METHODS.items():
-        model = get_peft_model(tiny_llama(), config())
-        model.peft_config["default"].base_model_name_or_path = str(root / "base")
-        model.eval().save_pretrained(root / method)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "logits": logits}
-        save_file(tensors, root / f"expected_{method}.safetensors")
+    save_adapters_with_expected_logits(root, {m: c for m, (c, _, _) in METHODS.items()})
     return root
 
 

@@ -21,14 +21,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
-from peft import get_peft_model
-from safetensors.torch import save_file
 
 import loramix_autoload
 from loramix import MiLoRAConfig, MoRConfig
 from loramix_autoload import loramix_build
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import save_adapters_with_expected_logits
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = {
@@ -44,17 +41,7 @@ def saved(tmp_path_factory) -> Path:
     """A saved tiny base model and, per method, an adapter with random weights and the logits it gives here
     (a process that imported loramix), on a left-padded batch (MiLoRA's routing must skip the padding)."""
     root = tmp_path_factory.mktemp("autoload")
-    tiny_llama().save_pretrained(root / "base")
-    input_ids = torch.arange(1, 11).reshape(2, 5)
-    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
-    for method, config in METHODS.items():
-        model = get_peft_model(tiny_llama(), config())
-        model.peft_config["default"].base_model_name_or_path = str(root / "base")
-        model.eval().save_pretrained(root / method)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "logits": logits}
-        save_file(tensors, root / f"expected_{method}.safetensors")
+    save_adapters_with_expected_logits(root, METHODS)
     return root
 
 
