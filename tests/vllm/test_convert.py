@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 import loramix
 from loramix.mor.served import MoRGate
 from loramix.vllm.convert import UnservableAdapter, convert, read_config
-from loramix.vllm.gates import LayerGates, PromptGate, Step, StepLayout
+from loramix.vllm.gates import GateTables, PromptGate, Step, StepLayout, token_routing
 from loramix.vllm.refusals import EngineSettings, check_engine, check_rank
 from tests.milora.reference import router_reference
 from tests.mor.reference import mor_linear_reference
@@ -35,8 +35,10 @@ def _served_delta(served, module, x, gate=None):
     a = served.tensors[f"{PREFIX}{module}.lora_A.weight"].double()
     b = served.tensors[f"{PREFIX}{module}.lora_B.weight"].double()
     buffer = x @ a.T
-    if gate is not None:
-        gate.gate_(buffer)
+    if gate is not None:  # one slice, one slot: the plugin's gate tables, as vLLM's add_expand sees them
+        tables = GateTables(1, 1, buffer.shape[1], "cpu")
+        tables.set_slots([[gate]])
+        tables.apply_(buffer.unsqueeze(0), torch.zeros(buffer.shape[0], dtype=torch.long))
     return buffer @ b.T
 
 
@@ -83,25 +85,40 @@ def test_milora_routes_and_experts_equal_loramix(tmp_path, normalize):
     torch.testing.assert_close(_served_delta(served, module, x), expected)
 
 
-def test_layer_gates_by_slot():
+def test_gate_tables_by_slot():
     """Slot -1 rows are zeroed, MoR rows gated by their softmax, MiLoRA rows scaled per request, LoRA rows kept."""
     torch.manual_seed(0)
-    buffer = torch.randn(1, 7, 16)
+    buffer = torch.randn(1, 9, 16)
     original = buffer.clone()
     layout = StepLayout(
-        ("a", "b", "c"), counts=(2, 3, 2), computed=(0, 0, 5), prompt_lengths=(2, 3, 4), adapters=(7, 8, 9)
-    )
+        ("a", "b", "c", "d"), counts=(2, 3, 2, 2), computed=(0, 0, 5, 0), prompt_lengths=(2, 3, 4, 2),
+        adapters=(7, 8, 9, 6),
+    )  # fmt: skip
     # request 1 ("b", LoRA id 8) was routed at block 0 to w = (0, 0.25); the gate reads column 1
-    factors = PromptGate(0, 1).for_step(Step(layout, {0: {1: torch.tensor([0.0, 0.25])}}), 8, 7)
-    assert factors.factors.tolist() == [0, 0, 0.25, 0.25, 0.25, 0, 0]
-    slots = torch.tensor([0, 0, 1, 1, 1, -1, -1])  # slot 0: MoR (N=2, r=3), slot 1: MiLoRA, -1: none
-    LayerGates(slots, [{0: MoRGate(2, 3), 1: factors}]).apply_(buffer)
+    routing = token_routing(Step(layout, {0: {1: torch.tensor([0.0, 0.25])}}), 0, 9, "cpu")
+    assert routing[:, 1].tolist() == [0, 0, 0.25, 0.25, 0.25, 0, 0, 0, 0] and routing.shape == (9, 2)
+    # slot 0: MoR (N=2, r=3), slot 1: MiLoRA, slot 2: a plain LoRA, -1: none
+    slots = torch.tensor([0, 0, 1, 1, 1, -1, -1, 2, 2, 0, 0])  # longer than the buffer, as vLLM's indices are
+    tables = GateTables(1, 3, 16, "cpu")
+    tables.set_slots([[MoRGate(2, 3), PromptGate(0, 1), None]])
+    assert tables.prompt_blocks == {0}
+    tables.apply_(buffer, slots, routing)
     probs = torch.softmax(original[0, :2, 6:8], dim=-1)
     torch.testing.assert_close(buffer[0, :2, :6], original[0, :2, :6] * probs.repeat_interleave(3, dim=-1))
     assert torch.all(buffer[0, :2, 6:8] == 0)
     torch.testing.assert_close(buffer[0, :2, 8:], original[0, :2, 8:])
     torch.testing.assert_close(buffer[0, 2:5], original[0, 2:5] * 0.25)
-    assert torch.all(buffer[0, 5:] == 0)
+    assert torch.all(buffer[0, 5:7] == 0)
+    torch.testing.assert_close(buffer[0, 7:], original[0, 7:])
+    # the adapters move: the same tensors are rewritten in place (a compiled graph keeps reading them)
+    kind = tables.kind
+    tables.set_slots([[None, None, MoRGate(2, 3)]])
+    assert tables.kind is kind and tables.prompt_blocks == frozenset()
+    buffer = original.clone()
+    tables.apply_(buffer, slots)
+    torch.testing.assert_close(buffer[0, :5], original[0, :5])
+    probs = torch.softmax(original[0, 7:, 6:8], dim=-1)
+    torch.testing.assert_close(buffer[0, 7:, :6], original[0, 7:, :6] * probs.repeat_interleave(3, dim=-1))
 
 
 def test_unservable_and_foreign_adapters(tmp_path):
@@ -131,7 +148,9 @@ def test_slices_without_gates_only_lose_their_no_adapter_rows():
     its buffers still have the rows of no adapter zeroed, in every slice."""
     buffers = tuple(torch.randn(4, 8) for _ in range(3))
     originals = [b.clone() for b in buffers]
-    LayerGates(torch.tensor([1, -1, 0, -1]), []).apply_(buffers)
+    tables = GateTables(3, 2, 8, "cpu")
+    tables.set_slots([])  # no slice named: no gates
+    tables.apply_(buffers, torch.tensor([1, -1, 0, -1]))
     for buffer, original in zip(buffers, originals, strict=True):
         torch.testing.assert_close(buffer[[0, 2]], original[[0, 2]])
         assert torch.all(buffer[[1, 3]] == 0)

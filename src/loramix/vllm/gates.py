@@ -12,16 +12,20 @@ A served adapter keeps one :class:`Gate` per adapted module, of one of two kinds
   :class:`PromptRouter`, run at the block's router site on the prompt's block input) gives the request's routing
   ``w`` (N,), and the gate multiplies every token of the request by one column of it (MiLoRA).
 
-For one linear layer of one step, ``buffer`` (S slices, T tokens, R ranks; float32) holds ``x A^T`` of each
-token's adapter slot. :meth:`LayerGates.apply_` then, per slice:
+For one linear layer, ``buffer`` (S slices, T tokens, R ranks; float32) holds ``x A^T`` of each token's adapter
+slot. The gates reach it through :class:`GateTables`, tensors kept with the layer for its whole life and rewritten
+in place when the adapters in its slots change (before a forward, as vLLM writes its LoRA indices), so that a
+compiled model or a captured CUDA graph reads them as it reads vLLM's own. :meth:`GateTables.apply_` is tensor
+operations only, on every token, per slice:
 
-* zeroes the tokens of no adapter (slot -1), so that ``expand`` adds nothing to them whatever the engine's
+* the tokens of no adapter (slot -1) get factor 0, so that ``expand`` adds nothing to them whatever the engine's
   kernels do with index -1 (vLLM 0.32's PyTorch ops read it as the *last* slot);
-* gates the rows of each loramix adapter's slot with what its gate gives for this step (:meth:`Gate.for_step`):
-  a token gate gates the rows in place; a prompt gate multiplies each token's row by its request's routing
-  weight for the gate's column (0 when the prompt did not select it).
-
-A slot with no gate is a plain LoRA: its rows are left as they are.
+* a slot with a token gate (MoR) gets, per token, the softmax of its router-logit columns as the factors of its
+  expert columns, and 0 on the logit columns;
+* a slot with a prompt gate (MiLoRA) gets, per token, its request's routing weight for the gate's column, from
+  the per-token routing the router sites computed this step (:func:`token_routing`; computed in Python, so the
+  plugin serves prompt-routed adapters in eager mode only);
+* any other column, and any slot with no gate (a plain LoRA), gets factor 1.
 """
 
 from __future__ import annotations
@@ -92,36 +96,20 @@ class Routes:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class SlotGate(ABC):
-    """What gates one adapter slot's rows of one slice's buffer in one step."""
+class Gate:
+    """A served adapter's gate of one adapted module (one slice of a vLLM linear layer): a :class:`TokenGate` or a
+    :class:`PromptGate`."""
+
+
+class TokenGate(Gate):
+    """A per-token gate computed from the rank buffer itself: the router's rows ride along in the shrink, and the
+    softmax of those buffer columns weighs the expert columns (MoR)."""
 
     @abstractmethod
-    def apply_(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
-        """Gate in place the rows of ``rows`` (T, R) where ``mask`` (T,) is True (the tokens of the slot)."""
-
-
-class Gate(ABC):
-    """A served adapter's gate of one adapted module (one slice of a vLLM linear layer)."""
-
-    @abstractmethod
-    def for_step(self, step: Step, adapter_id: int, num_tokens: int) -> SlotGate:
-        """What gates the adapter's rows in ``step`` (``num_tokens`` rows, padding included)."""
-
-
-class TokenGate(Gate, SlotGate):
-    """A per-token gate computed from the rank buffer itself (the router's rows ride along in the shrink)."""
-
-    @abstractmethod
-    def gate_(self, rows: torch.Tensor) -> None:
-        """Gate the buffer rows (n, R) of the adapter's tokens in place."""
-
-    def for_step(self, step: Step, adapter_id: int, num_tokens: int) -> SlotGate:
-        return self  # nothing to compute before the layer runs: the buffer holds all the gate needs
-
-    def apply_(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
-        selected = rows[mask]  # boolean indexing copies: gate the copy, then write it back
-        self.gate_(selected)
-        rows[mask] = selected
+    def columns(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(experts, logits)``: ``experts[c]`` is the expert whose probability multiplies buffer column ``c``
+        (columns ``0 .. len(experts) - 1``), ``logits[i]`` the column holding expert ``i``'s router logit (set to 0
+        after; its ``B`` column is zero anyway)."""
 
 
 class PromptRouter(ABC):
@@ -139,40 +127,6 @@ class PromptGate(Gate):
 
     block: int
     column: int
-
-    def for_step(self, step: Step, adapter_id: int, num_tokens: int) -> SlotGate:
-        routings = step.routings.get(self.block)
-        if routings is None or step.layout is None:
-            raise RuntimeError(
-                f"loramix: no routing for block {self.block} in this step (its router site did not run first)."
-            )
-        per_request = {
-            i: float(routings[i][self.column]) for i, a in enumerate(step.layout.adapters) if a == adapter_id
-        }
-        return RequestFactors(request_weights(step.layout, per_request, num_tokens))
-
-
-@dataclass
-class RequestFactors(SlotGate):
-    """Per-token factors (T,), float32: each row of the slot times its factor."""
-
-    factors: torch.Tensor
-
-    def apply_(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
-        rows.mul_(torch.where(mask, self.factors.to(rows.device), 1.0).unsqueeze(-1))
-
-
-def request_weights(layout: StepLayout, weights: dict[int, float], num_tokens: int) -> torch.Tensor:
-    """Per-token factors (num_tokens,) from per-request ones: ``weights[i]`` for every token of request i, 0 for
-    the tokens of requests not in ``weights`` and past the last request (padding)."""
-    per_request = torch.zeros(len(layout.counts))
-    for i, w in weights.items():
-        per_request[i] = w
-    counts = torch.tensor(layout.counts)
-    factors = per_request.repeat_interleave(counts)
-    if factors.shape[0] < num_tokens:
-        factors = torch.cat([factors, factors.new_zeros(num_tokens - factors.shape[0])])
-    return factors[:num_tokens]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,6 +156,11 @@ def route_block(
             starts = layout.starts if starts is None else starts
             kept[block] = adapter.routers[block].route(hidden[starts[i] : starts[i] + layout.prompt_lengths[i]])
             routes.weights[request] = kept
+        elif block not in kept and layout.computed[i] < 0:
+            raise RuntimeError(
+                f"loramix: request {request!r} (LoRA id {adapter_id}) was added to vLLM's model runner before the "
+                "plugin's hooks were installed, so its prompt length is unknown and it cannot be routed."
+            )
         elif block not in kept:
             method = method_of(adapter.method).display_name
             raise RuntimeError(
@@ -214,23 +173,94 @@ def route_block(
     step.routings[block] = weights
 
 
-@dataclass
-class LayerGates:
-    """The gates of one layer in one step: ``slices[s]`` maps an adapter slot to what gates its rows in slice s.
+def token_routing(step: Step, block: int, num_tokens: int, device) -> torch.Tensor:
+    """The routing of each token's request at ``block`` (num_tokens, N), float32: ``step.routings[block][i]`` on
+    every token of request i, 0 for the tokens of requests not routed there and for padding."""
+    routings = step.routings.get(block)
+    if routings is None or step.layout is None:
+        raise RuntimeError(f"loramix: no routing for block {block} in this step (its router site did not run first).")
+    width = max((w.shape[0] for w in routings.values()), default=1)
+    per_request = torch.zeros(len(step.layout.counts), width)
+    for i, w in routings.items():
+        per_request[i, : w.shape[0]] = w.float().cpu()
+    rows = per_request.repeat_interleave(torch.tensor(step.layout.counts), dim=0)
+    if rows.shape[0] < num_tokens:
+        rows = torch.cat([rows, rows.new_zeros(num_tokens - rows.shape[0], width)])
+    return rows[:num_tokens].to(device)
 
-    A slot not listed is a plain LoRA: its buffer rows are left as they are.
+
+class GateTables:
+    """The gates of one linear LoRA layer, per slice and adapter slot, as tensors kept for the layer's life.
+
+    For slice ``s`` and slot ``l``, column ``c`` of the rank buffer: ``kind[s, l, c]`` is :data:`PASS` (factor 1),
+    :data:`EXPERT` (factor: the softmax over the slot's logit columns ``logits[s, l, :]`` where ``valid``, at
+    expert ``expert[s, l, c]``), :data:`ZERO` (factor 0) or :data:`PROMPT` (factor: the token's request routing at
+    ``column[s, l]``). :meth:`set_slots` rewrites them in place; :meth:`apply_` reads them.
     """
 
-    slots: torch.Tensor  # (T,) long, the adapter slot of each token, -1 for none
-    slices: list[dict[int, SlotGate]]
+    PASS, EXPERT, ZERO, PROMPT = 0, 1, 2, 3
 
-    def apply_(self, buffers) -> None:
-        """Gate ``buffers`` in place: a tensor (S, T, R) or a sequence of S tensors (T, R)."""
-        slots = self.slots
-        none = slots < 0
-        for s, buffer in enumerate(buffers):
-            rows = buffer[: slots.shape[0]]
-            if bool(none.any()):
-                rows[none] = 0
-            for slot, gate in (self.slices[s] if s < len(self.slices) else {}).items():
-                gate.apply_(rows, slots == slot)
+    def __init__(self, slices: int, slots: int, width: int, device) -> None:
+        self.shape = (slices, slots, width)
+        self.experts_max = max(1, width // 2)  # a token gate of N experts fills N·r + N <= width columns
+        self.kind = torch.zeros(slices, slots, width, dtype=torch.long, device=device)
+        self.expert = torch.zeros(slices, slots, width, dtype=torch.long, device=device)
+        self.logits = torch.zeros(slices, slots, self.experts_max, dtype=torch.long, device=device)
+        self.valid = torch.zeros(slices, slots, self.experts_max, dtype=torch.bool, device=device)
+        self.column = torch.zeros(slices, slots, dtype=torch.long, device=device)
+        self.prompt_blocks: frozenset[int] = frozenset()  # the blocks whose routing the prompt gates read
+
+    def set_slots(self, gates: list[list[Gate | None]]) -> None:
+        """``gates[s][l]``: the gate of slice ``s`` in slot ``l`` (None: none); written in place, all at once."""
+        slices, slots, width = self.shape
+        kind = torch.zeros(self.shape, dtype=torch.long)
+        expert = torch.zeros(self.shape, dtype=torch.long)
+        logits = torch.zeros(slices, slots, self.experts_max, dtype=torch.long)
+        valid = torch.zeros(slices, slots, self.experts_max, dtype=torch.bool)
+        column = torch.zeros(slices, slots, dtype=torch.long)
+        blocks = set()
+        for s, per_slot in enumerate(gates[:slices]):
+            for slot, gate in enumerate(per_slot[:slots]):
+                if isinstance(gate, TokenGate):
+                    experts, logit_columns = gate.columns()
+                    if len(experts) > width or len(logit_columns) > self.experts_max:
+                        raise ValueError(f"a token gate of {len(experts)} columns does not fit a rank-{width} buffer")
+                    kind[s, slot, : len(experts)] = self.EXPERT
+                    expert[s, slot, : len(experts)] = torch.tensor(experts, dtype=torch.long)
+                    kind[s, slot, list(logit_columns)] = self.ZERO
+                    logits[s, slot, : len(logit_columns)] = torch.tensor(logit_columns, dtype=torch.long)
+                    valid[s, slot, : len(logit_columns)] = True
+                elif isinstance(gate, PromptGate):
+                    kind[s, slot] = self.PROMPT
+                    column[s, slot] = gate.column
+                    blocks.add(gate.block)
+        for table, value in zip(
+            (self.kind, self.expert, self.logits, self.valid, self.column),
+            (kind, expert, logits, valid, column),
+            strict=True,
+        ):
+            table.copy_(value)
+        self.prompt_blocks = frozenset(blocks)
+
+    def apply_(self, buffers, slots: torch.Tensor, routing: torch.Tensor | None = None) -> None:
+        """Gate ``buffers`` (a tensor (S, T, R) or S tensors (T, R)) in place; ``slots``: each token's adapter slot
+        (at least T entries, -1 for none); ``routing`` (T, N): each token's request routing, for prompt gates (None:
+        their rows get 0). Tensor operations only: no host synchronisation, no shape that depends on the data."""
+        for s in range(len(buffers)):
+            rows = buffers[s]
+            # padding tokens (a CUDA-graph batch size) read whatever the persistent indices hold: kept in range
+            index = slots[: rows.shape[0]].clamp(min=-1, max=self.shape[1] - 1)
+            present = (index >= 0).unsqueeze(-1).to(rows.dtype)
+            if s >= self.shape[0]:
+                rows.mul_(present)
+                continue
+            index = index.clamp(min=0)
+            kind = self.kind[s][index]  # (T, R)
+            logits = rows.gather(1, self.logits[s][index]).masked_fill(~self.valid[s][index], float("-inf"))
+            probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a slot without logits: all -inf, NaN, unused
+            factor = torch.where(kind == self.EXPERT, probs.gather(1, self.expert[s][index]), 0.0)
+            factor = torch.where(kind == self.PASS, 1.0, factor)
+            if routing is not None:
+                weight = routing.gather(1, self.column[s][index].unsqueeze(-1).clamp(max=routing.shape[1] - 1))
+                factor = torch.where(kind == self.PROMPT, weight.to(rows.dtype), factor)
+            rows.mul_(factor * present)

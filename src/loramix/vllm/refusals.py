@@ -25,7 +25,9 @@ class EngineSettings:
     max_lora_rank: int
     fully_sharded_loras: bool = False
     tensor_parallel_size: int = 1
-    v2_model_runner: bool = False
+    runner: str = "v1"  # the model runner: "v1", "v2" or "v2-standalone-cpu" (loramix.vllm._hooks.model_runner)
+    graphs_opt_in: bool = False  # LORAMIX_VLLM_GRAPHS=1: serve token-gated adapters compiled / under CUDA graphs
+    lora_dual_stream: bool = False  # VLLM_LORA_ENABLE_DUAL_STREAM=1: vLLM runs the LoRA in an opaque custom op
     platform: str = "cpu"
 
 
@@ -34,10 +36,22 @@ def check_engine(config: dict, engine: EngineSettings, name: str) -> None:
     method = config["peft_type"]
     routes_on_prompt = served_form(config).ROUTES_ON_PROMPT
     problems = []
-    if not engine.eager:
+    if routes_on_prompt and not engine.eager:
         problems.append(
-            "the engine compiles the model or captures CUDA graphs, which would freeze the per-step routing "
-            "(pass --enforce-eager / enforce_eager=True)"
+            f"the engine compiles the model or captures CUDA graphs, and {method_of(method).display_name} routes "
+            "each request on its prompt in Python inside the forward, which a compiled graph would freeze (pass "
+            "--enforce-eager / enforce_eager=True)"
+        )
+    elif not engine.eager and engine.lora_dual_stream:
+        problems.append(
+            "VLLM_LORA_ENABLE_DUAL_STREAM=1 runs the LoRA inside a custom op that a compiled graph does not trace, "
+            "so the gates would not reach it (unset it, or pass --enforce-eager)"
+        )
+    elif not engine.eager and not engine.graphs_opt_in:
+        problems.append(
+            "the engine compiles the model or captures CUDA graphs: the gates are read from persistent tables "
+            "there, tested on a compiled vLLM LoRA layer but never yet in a compiled engine or under CUDA graphs "
+            "(pass --enforce-eager / enforce_eager=True, or set LORAMIX_VLLM_GRAPHS=1 to serve it untested)"
         )
     if engine.platform not in ("cpu", "cuda"):
         problems.append(f"the plugin is written for vLLM's CPU and CUDA LoRA paths, not {engine.platform}")
@@ -47,10 +61,10 @@ def check_engine(config: dict, engine: EngineSettings, name: str) -> None:
             "softmax would see partial logits, and the plugin is tested on one device (serve with "
             "--tensor-parallel-size 1)"
         )
-    if engine.v2_model_runner:
+    if engine.runner not in ("v1", "v2"):
         problems.append(
-            "vLLM's V2 model runner (its default on CUDA with Triton) keeps requests where the plugin does not "
-            "read them (set VLLM_USE_V2_MODEL_RUNNER=0)"
+            f"vLLM's {engine.runner} model runner (vLLM 0.34's runner for non-x86 CPUs without Triton) keeps "
+            "requests in classes the plugin does not hook (serve on x86 or with Triton installed)"
         )
     if engine.fully_sharded_loras:
         problems.append(
