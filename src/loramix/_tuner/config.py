@@ -102,6 +102,13 @@ class LoramixConfig(PeftConfig):
     modules_to_save: list[str] | None = config_field(
         None, "Modules besides the adapter to train fully and save with it (e.g. a classification head)."
     )
+    router_lr_ratio: float = config_field(
+        1.0,
+        "How much faster the router weight W_r learns than the rest of the adapter, with one learning rate for all "
+        "(Trainer's default AdamW): W_r is trained as P = W_r / router_lr_ratio, so Adam-type optimizers move W_r "
+        "router_lr_ratio times as far per step (plain SGD: its square). Saved files hold W_r itself, whatever the "
+        "ratio. loramix.optim.parameter_groups(router_lr=...) sets P's learning rate on top of this.",
+    )
     init_weights: bool = config_field(
         True,
         "True: `A` kaiming-uniform and `B` zero, so a fresh adapter leaves the model unchanged (routers start near "
@@ -133,6 +140,7 @@ class LoramixConfig(PeftConfig):
         check_int("r", self.r, 1)
         check_number("lora_alpha", self.lora_alpha, 0.0)
         check_number("lora_dropout", self.lora_dropout, 0.0, 1.0, open_max=True)
+        check_number("router_lr_ratio", self.router_lr_ratio, 0.0, open_min=True)
         check_choice("init_weights", self.init_weights, (True, False))
         check_layers_to_transform(self.layers_to_transform, self.layers_pattern)
         if isinstance(self.target_modules, (list, tuple)):

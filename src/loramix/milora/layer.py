@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from loramix import kernels
-from loramix._tuner.layer import init_adapter_state
+from loramix._tuner.layer import ScaledRouter, init_adapter_state
 from loramix.milora import functional as F_milora
 from loramix.milora.config import MiLoRAConfig
 from loramix.routing.balance import attach_pending
@@ -120,7 +120,7 @@ class MiLoRATunerLayer(BaseTunerLayer):
         warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
 
-class MiLoRARouter(nn.Module, MiLoRATunerLayer):
+class MiLoRARouter(nn.Module, MiLoRATunerLayer, ScaledRouter):
     """The router of one transformer block; wraps the block's ``router_anchor`` (e.g. ``input_layernorm``).
 
     Its input is the block's input hidden states ``H`` (B, T, d). Unless the current forward is a
@@ -129,7 +129,8 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
     it for the block's experts; then it returns ``base_layer(H)`` unchanged. ``H'`` is ``base_layer(H)``
     (``router_input="normalized"``, the default) or ``H`` itself (``"residual"``).
 
-    Parameters per adapter: ``milora_router`` (N x d), ``milora_pool_query`` (d; attention pooler
+    Parameters per adapter: ``milora_router`` (N x d, stored divided by ``router_lr_ratio``, see
+    :class:`~loramix._tuner.layer.ScaledRouter`), ``milora_pool_query`` (d; attention pooler
     only), ``milora_rational_num`` (m+1) and ``milora_rational_den`` (n) (rational activation only).
     """
 
@@ -142,7 +143,9 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
         "router_input",
         "expert_names",
         "router_aux_loss_coef",
+        "router_lr_ratio",
     )
+    router_container = "milora_router"
 
     # per adapter (PEFT's containers, made by init_adapter_state)
     milora_router: nn.ParameterDict
@@ -156,10 +159,12 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
     router_input: dict[str, str]
     expert_names: dict[str, tuple[str, ...]]
     router_aux_loss_coef: dict[str, float]
+    router_lr_ratio: dict[str, float]
 
     def __init__(self, base_layer: nn.Module, hidden_size: int) -> None:
         super().__init__()
         init_adapter_state(self, base_layer)
+        self.init_router_scaling()
         self.hidden_size = hidden_size
         self._active_adapter = []
 
@@ -185,6 +190,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
         self.router_input[adapter_name] = config.router_input
         self.expert_names[adapter_name] = tuple(expert_names)
         self.router_aux_loss_coef[adapter_name] = config.router_aux_loss_coef
+        self.router_lr_ratio[adapter_name] = config.router_lr_ratio
         self.milora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, d))
         if config.pooler == "attention":
             self.milora_pool_query[adapter_name] = nn.Parameter(torch.empty(d))
@@ -203,11 +209,12 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
 
     @torch.no_grad()
     def reset_router_parameters(self, adapter_name: str, init_weights: bool) -> None:
-        """Router ~ N(0, 0.02) (random 1/sqrt(d) with ``init_weights=False``), pool query 0 (= mean pooling at
-        the start), rational coefficients = the GeLU fit of :func:`~loramix.milora.functional.rational_gelu_init`."""
+        """Router W_r ~ N(0, 0.02) (random 1/sqrt(d) with ``init_weights=False``) whatever ``router_lr_ratio``, pool
+        query 0 (= mean pooling at the start), rational coefficients = the GeLU fit of
+        :func:`~loramix.milora.functional.rational_gelu_init`."""
         router = self.milora_router[adapter_name]
         std = 0.02 if init_weights else 1.0 / math.sqrt(self.hidden_size)
-        nn.init.normal_(router, std=std)
+        nn.init.normal_(router, std=std / self.router_lr_ratio[adapter_name])
         if adapter_name in self.milora_pool_query:
             query = self.milora_pool_query[adapter_name]
             nn.init.zeros_(query) if init_weights else nn.init.normal_(query, std=1.0 / math.sqrt(self.hidden_size))
@@ -231,7 +238,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer):
         logits, probs, gates, selected = F_milora.route(
             hidden,
             mask,
-            self.milora_router[name],
+            self.router_weight(name),
             pooler=self.pooler[name],
             activation=self.activation[name],
             top_k=self.top_k[name],

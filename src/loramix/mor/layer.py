@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from loramix._tuner.layer import init_adapter_state
+from loramix._tuner.layer import ScaledRouter, init_adapter_state
 from loramix.mor.config import MoRConfig
 from loramix.mor.functional import MoRDropout, grouped_mor, mor_delta_weight, mor_linear
 from loramix.routing.balance import attach_pending
@@ -28,16 +28,18 @@ def routed_merge_error(adapter_names: list[str]) -> str:
     )
 
 
-class MoRLayer(BaseTunerLayer):
+class MoRLayer(BaseTunerLayer, ScaledRouter):
     """Adapter-keyed MoR parameters for one linear layer.
 
     ``mor_A`` (r x d_in) and ``mor_B`` (d_out x r) are the shared LoRA; ``mor_omega_A`` (N x r) and
     ``mor_omega_B`` (N x d_out) the stacked expert scaling vectors; ``mor_router`` (N x d_in) the
-    router weight (absent for the non-learnable ``router="mean"``).
+    router weight divided by ``router_lr_ratio`` (absent for the non-learnable ``router="mean"``; see
+    :class:`~loramix._tuner.layer.ScaledRouter`: saved files hold the router weight itself).
     """
 
     adapter_layer_names = ("mor_A", "mor_B", "mor_omega_A", "mor_omega_B", "mor_router")
-    other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "mor_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "router_lr_ratio", "mor_dropout")
+    router_container = "mor_router"
 
     # per adapter (PEFT's containers, made by init_adapter_state)
     mor_A: nn.ParameterDict
@@ -49,10 +51,12 @@ class MoRLayer(BaseTunerLayer):
     lora_alpha: dict[str, float]
     scaling: dict[str, float]
     num_experts: dict[str, int]
+    router_lr_ratio: dict[str, float]
     mor_dropout: nn.ModuleDict
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         init_adapter_state(self, base_layer, modules=("mor_dropout",))
+        self.init_router_scaling()
 
         base_layer = self.get_base_layer()
         if not isinstance(base_layer, nn.Linear):
@@ -67,6 +71,7 @@ class MoRLayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.scaling
         self.num_experts[adapter_name] = n
+        self.router_lr_ratio[adapter_name] = config.router_lr_ratio
         self.mor_dropout[adapter_name] = MoRDropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.mor_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
         self.mor_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
@@ -80,10 +85,12 @@ class MoRLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def reset_mor_parameters(self, adapter_name: str, init_weights: bool, omega_init_std: float = 0.0) -> None:
-        """Paper Table 2: A and router normal-ish, B zero, Ω ones (so MoR starts as a zero LoRA)."""
+        """Paper Table 2: A and router normal-ish, B zero; Ω around 1 (exactly 1 with ``omega_init_std=0``), so MoR
+        starts as a zero LoRA. The router weight W_r starts at N(0, 0.02²) whatever ``router_lr_ratio``."""
         nn.init.kaiming_uniform_(self.mor_A[adapter_name], a=math.sqrt(5))
+        ratio = self.router_lr_ratio[adapter_name]
         if adapter_name in self.mor_router:
-            nn.init.normal_(self.mor_router[adapter_name], std=0.02)
+            nn.init.normal_(self.mor_router[adapter_name], std=0.02 / ratio)
         if init_weights:
             nn.init.zeros_(self.mor_B[adapter_name])
             nn.init.ones_(self.mor_omega_A[adapter_name])
@@ -96,7 +103,7 @@ class MoRLayer(BaseTunerLayer):
             nn.init.normal_(self.mor_omega_A[adapter_name], mean=1.0, std=0.5)
             nn.init.normal_(self.mor_omega_B[adapter_name], mean=1.0, std=0.5)
             if adapter_name in self.mor_router:
-                nn.init.normal_(self.mor_router[adapter_name], std=1.0 / math.sqrt(self.in_features))
+                nn.init.normal_(self.mor_router[adapter_name], std=1.0 / math.sqrt(self.in_features) / ratio)
 
     def is_input_independent(self, adapter_name: str) -> bool:
         """Whether G(x) is constant for this adapter (one expert or the mean router)."""
@@ -236,7 +243,7 @@ class Linear(nn.Module, MoRLayer):
             r, n, rows = self.r[name], self.num_experts[name], groups[name]
             stack_A[index, :, :r] = self.mor_A[name].T
             if name in self.mor_router:
-                stack_router[index, :, :n] = self.mor_router[name].T
+                stack_router[index, :, :n] = self.router_weight(name).T
             expert_bias[index, :n] = 0.0
             stack_omega_A[index, :n, :r] = self.mor_omega_A[name]
             stack_B[index, :r] = self.mor_B[name].T * self.scaling[name]
@@ -250,7 +257,7 @@ class Linear(nn.Module, MoRLayer):
     def _add_update(self, session, name: str, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
         """``result`` plus adapter ``name``'s update on the batch rows ``rows`` (``None``: all rows; a mixed-adapter
         batch: one gather and one scatter for the adapter's rows)."""
-        router = self.mor_router[name] if name in self.mor_router else None
+        router = self.router_weight(name) if name in self.mor_router else None
         x_in = self._cast_input_dtype(x if rows is None else x.index_select(0, rows), self.mor_A[name].dtype)
         residual = result if rows is None else result.index_select(0, rows)
         params = (self.mor_A[name], self.mor_B[name], self.mor_omega_A[name], self.mor_omega_B[name], router)
