@@ -202,6 +202,20 @@ def ratio_table(results: dict[str, dict], reference: str, extra: dict[str, dict[
     return "\n".join(lines)
 
 
+def optimizer_step(loss, out, aux_coef: float, params, optimizer, schedule) -> float:
+    """One training step of the quality benchmarks: ``loss`` plus ``aux_coef · out.aux_loss`` when the adapter
+    returns a balance loss, backward, gradient clipping at 1.0, optimizer and schedule step, gradients freed.
+    Returns the loss."""
+    if aux_coef > 0 and out.get("aux_loss") is not None:
+        loss = loss + aux_coef * out["aux_loss"]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def fmt_time(seconds: float) -> str:
     if seconds >= 1:
         return f"{seconds:.3f} s"

