@@ -1,11 +1,16 @@
-"""``router_lr_ratio``: the router weight W_r is trained as P = W_r / k (loramix/_tuner/layer.py, ScaledRouter).
+"""``router_lr_ratio``: the router weight is W_r = k · P with P the trained parameter (loramix/_tuner/layer.py,
+ScaledRouter).
 
 What must hold, each against a reference that does not use the code under test:
 * with one learning rate, Adam's first step moves W_r by k · lr per coordinate (Adam's first step is lr · sign(g));
-* the layer computes with W_r = k · P (the float64 loop over experts of tests/mor/reference.py, fed the saved W_r);
-* saved files hold W_r whatever k, so an adapter saved with one ratio loads under another with the same outputs;
+* the layer computes with W_r = k · P (the float64 loop over experts of tests/mor/reference.py, fed k times the
+  saved P);
+* files hold P and the config holds k, so every loader gives the saved model's outputs: PEFT's, transformers'
+  ``load_adapter`` (which assigns tensors without ``load_state_dict``), and a state dict gathered from
+  ``named_parameters`` (as DeepSpeed ZeRO-3 gathers one);
+* ``adapter_config.json`` leaves the default ratio 1 out (loramix 0.1 refuses unknown keys);
 * a fresh adapter's W_r (and so its outputs) does not depend on k;
-* the field refuses non-positive and non-finite values, naming itself.
+* the field refuses values outside [0.01, 100] and non-finite ones, naming itself; MoR's mean router refuses k != 1.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import math
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import loramix
@@ -62,11 +67,12 @@ def test_first_adam_step_moves_the_router_weight_ratio_times_lr(method, ratio):
         assert torch.allclose(moved, torch.full_like(moved, ratio * lr), atol=tolerance, rtol=0), (name, moved)
 
 
-def test_mor_layer_computes_with_the_saved_router_weight(tmp_path):
+def test_mor_layer_computes_with_ratio_times_the_saved_router(tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), CONFIGS["mor"](router_lr_ratio=7.0, init_weights=False)).eval()
     model.save_pretrained(tmp_path)
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["router_lr_ratio"] == 7.0
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     key = next(k for k in saved if "layers.0.mlp.up_proj" in k and "mor_router" in k)
     prefix = key.split("mor_router")[0]
@@ -79,7 +85,7 @@ def test_mor_layer_computes_with_the_saved_router_weight(tmp_path):
         saved[prefix + "mor_B"],
         saved[prefix + "mor_omega_A"],
         saved[prefix + "mor_omega_B"],
-        saved[key],
+        7.0 * saved[key].double(),
         layer.scaling["default"],
     )
     with torch.no_grad():
@@ -87,27 +93,40 @@ def test_mor_layer_computes_with_the_saved_router_weight(tmp_path):
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def _load(loader: str, path):
+    """A fresh tiny LLaMA with the adapter saved at ``path``, loaded the way ``loader`` names."""
+    if loader == "peft":
+        return PeftModel.from_pretrained(tiny_llama(), path)
+    model = tiny_llama()
+    model.load_adapter(str(path))  # transformers' loader: tensors assigned by name
+    return model
+
+
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_saved_router_is_independent_of_the_ratio(method, tmp_path):
+@pytest.mark.parametrize("loader", ["peft", "transformers"])
+@pytest.mark.parametrize("gathered", [False, True], ids=["state_dict", "named_parameters"])
+def test_every_loader_gives_the_saved_models_outputs(method, loader, gathered, tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), CONFIGS[method](router_lr_ratio=5.0, init_weights=False)).eval()
     ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    routers = _routers(model, method)
-    model.save_pretrained(tmp_path)
+    # what a ZeRO-3 save hands to save_pretrained: the parameters themselves, not module.state_dict()
+    state = {n: p.detach().clone() for n, p in model.named_parameters()} if gathered else None
+    model.save_pretrained(tmp_path, state_dict=state)
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
-    for name, w in routers.items():
-        torch.testing.assert_close(saved[f"{name}.{ROUTER[method]}"], w, atol=0, rtol=0)
-    # the same file under another ratio (config edited, hash unchanged: the weights file is the same)
-    config_path = tmp_path / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["router_lr_ratio"] = 1.0
-    config_path.write_text(json.dumps(config))
-    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
-    assert loaded.peft_config["default"].router_lr_ratio == 1.0
+    for name, p in get_peft_model_state_dict(model).items():
+        torch.testing.assert_close(saved[name], p, atol=0, rtol=0)  # the file holds P, exactly as trained
+    loaded = _load(loader, tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_the_default_ratio_is_left_out_of_the_saved_config(method, tmp_path):
+    get_peft_model(tiny_llama(), CONFIGS[method]()).save_pretrained(tmp_path)
+    assert "router_lr_ratio" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    assert PeftModel.from_pretrained(tiny_llama(), tmp_path).peft_config["default"].router_lr_ratio == 1.0
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
@@ -122,10 +141,16 @@ def test_fresh_adapter_router_does_not_depend_on_the_ratio(method):
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
-@pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf, -math.inf])
-def test_ratio_refuses_non_positive_and_non_finite_values(method, value):
+@pytest.mark.parametrize("value", [0.0, -1.0, 0.009, 100.5, math.nan, math.inf, -math.inf])
+def test_ratio_refuses_values_out_of_range_and_non_finite(method, value):
     with pytest.raises(ValueError, match="router_lr_ratio"):
         CONFIGS[method](router_lr_ratio=value)
+
+
+def test_mean_router_refuses_a_ratio():
+    with pytest.raises(ValueError, match="router_lr_ratio.*mean"):
+        CONFIGS["mor"](router="mean", router_lr_ratio=10.0)
+    CONFIGS["mor"](router="mean", router_lr_ratio=1.0)
 
 
 def test_mixed_adapter_batch_with_two_ratios_equals_each_row_alone():

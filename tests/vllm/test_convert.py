@@ -42,9 +42,12 @@ def _served_delta(served, module, x, gate=None):
     return buffer @ b.T
 
 
-@pytest.mark.parametrize("router", ["softmax", "mean"])
-def test_mor_served_form_equals_the_mixture(tmp_path, router):
-    config = loramix.MoRConfig(r=4, num_experts=3, lora_alpha=8, router=router, init_weights=False)
+@pytest.mark.parametrize(("router", "ratio"), [("softmax", 1.0), ("mean", 1.0), ("softmax", 7.0)])
+def test_mor_served_form_equals_the_mixture(tmp_path, router, ratio):
+    """The served form computes the mixture of the saved tensors, the router weight being router_lr_ratio · P."""
+    config = loramix.MoRConfig(
+        r=4, num_experts=3, lora_alpha=8, router=router, init_weights=False, router_lr_ratio=ratio
+    )  # fmt: skip
     raw = _saved(tmp_path, config)
     served = convert(str(tmp_path), tiny_config())
     module = "model.layers.1.mlp.gate_proj"
@@ -52,7 +55,7 @@ def test_mor_served_form_equals_the_mixture(tmp_path, router):
     x = torch.randn(5, 64, dtype=torch.float64)
     expected = mor_linear_reference(
         x, torch.zeros(96, 64), None, p["mor_A"], p["mor_B"], p["mor_omega_A"], p["mor_omega_B"],
-        p.get("mor_router"), scaling=2.0,
+        None if router == "mean" else ratio * p["mor_router"], scaling=2.0,
     )  # fmt: skip
     gate = served.gates.get(module)
     assert (gate == MoRGate(3, 4)) if router == "softmax" else (gate is None)
@@ -60,9 +63,11 @@ def test_mor_served_form_equals_the_mixture(tmp_path, router):
     torch.testing.assert_close(_served_delta(served, module, x, gate), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_milora_routes_and_experts_equal_loramix(tmp_path, normalize):
-    config = loramix.MiLoRAConfig(r=4, top_k=2, lora_alpha=8, init_weights=False, normalize_gates=normalize)
+@pytest.mark.parametrize(("normalize", "ratio"), [(False, 1.0), (True, 1.0), (False, 5.0)])
+def test_milora_routes_and_experts_equal_loramix(tmp_path, normalize, ratio):
+    config = loramix.MiLoRAConfig(
+        r=4, top_k=2, lora_alpha=8, init_weights=False, normalize_gates=normalize, router_lr_ratio=ratio
+    )  # fmt: skip
     raw = _saved(tmp_path, config)
     served = convert(str(tmp_path), tiny_config())
     model = PeftModel.from_pretrained(LlamaForCausalLM(tiny_config()), tmp_path)
@@ -72,7 +77,7 @@ def test_milora_routes_and_experts_equal_loramix(tmp_path, normalize):
         hidden = torch.randn(1, 7, 64, dtype=torch.float64)
         r = f"{PREFIX}model.layers.{block}.input_layernorm.milora_"
         _, gates = router_reference(
-            hidden, None, "attention", raw[r + "pool_query"], "rational", raw[r + "router"], 2,
+            hidden, None, "attention", raw[r + "pool_query"], "rational", ratio * raw[r + "router"], 2,
             raw[r + "rational_num"], raw[r + "rational_den"], normalize,
         )  # fmt: skip
         assert router.normalize_gates is normalize

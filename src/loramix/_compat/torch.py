@@ -12,11 +12,6 @@ Verified with torch 2.4 (the oldest supported) to 2.13.0. What it touches, and w
    current again while activation checkpointing re-runs blocks during ``backward``, and must be reset when the
    pass ends, in the thread that ran it. ``torch.autograd.Variable._execution_engine.queue_callback`` is what
    torch's own checkpointing and DDP use for that; no public function exposes it.
-3. **State-dict hooks before they were public** (:func:`register_state_dict_hooks`): a router stored divided by its
-   ``router_lr_ratio`` is saved and loaded as the router itself (``loramix/_tuner/layer.py``). torch has the public
-   ``register_state_dict_post_hook`` / ``register_load_state_dict_pre_hook`` in recent releases; where one is
-   missing, its private predecessor (``_register_state_dict_hook``, ``_register_load_state_dict_pre_hook(...,
-   with_module=True)``, same arguments) is used (that fallback has not run: every CI venv keeps torch 2.13.0).
 """
 
 from __future__ import annotations
@@ -26,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["has_forward_hook", "queue_backward_callback", "register_state_dict_hooks", "remove_forward_hooks"]
+__all__ = ["has_forward_hook", "queue_backward_callback", "remove_forward_hooks"]
 
 
 def has_forward_hook(module: nn.Module, hook: Callable) -> bool:
@@ -48,17 +43,3 @@ def remove_forward_hooks(module: nn.Module, hooks: Iterable[Callable]) -> None:
 def queue_backward_callback(callback: Callable[[], None]) -> None:
     """Run ``callback`` when the backward pass now running ends (point 2)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
-
-
-def register_state_dict_hooks(module: nn.Module, on_save: Callable, on_load: Callable) -> None:
-    """Call ``on_save(module, state_dict, prefix, local_metadata)`` after ``module.state_dict()`` has filled its
-    entries and ``on_load(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors)`` before
-    ``load_state_dict`` reads them (point 3)."""
-    if hasattr(module, "register_state_dict_post_hook"):
-        module.register_state_dict_post_hook(on_save)
-    else:  # older torch: the same hook, private
-        module._register_state_dict_hook(on_save)
-    if hasattr(module, "register_load_state_dict_pre_hook"):
-        module.register_load_state_dict_pre_hook(on_load)
-    else:
-        module._register_load_state_dict_pre_hook(on_load, with_module=True)

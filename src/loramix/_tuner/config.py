@@ -106,8 +106,9 @@ class LoramixConfig(PeftConfig):
         1.0,
         "How much faster the router weight W_r learns than the rest of the adapter, with one learning rate for all "
         "(Trainer's default AdamW): W_r is trained as P = W_r / router_lr_ratio, so Adam-type optimizers move W_r "
-        "router_lr_ratio times as far per step (plain SGD: its square). Saved files hold W_r itself, whatever the "
-        "ratio. loramix.optim.parameter_groups(router_lr=...) sets P's learning rate on top of this.",
+        "router_lr_ratio times as far per step (plain SGD: its square). Part of the adapter, like lora_alpha: files "
+        "hold P, and the saved config's ratio turns it back into W_r. Between 0.01 and 100. "
+        "loramix.optim.parameter_groups(router_lr=...) sets P's learning rate on top of this.",
     )
     init_weights: bool = config_field(
         True,
@@ -140,7 +141,7 @@ class LoramixConfig(PeftConfig):
         check_int("r", self.r, 1)
         check_number("lora_alpha", self.lora_alpha, 0.0)
         check_number("lora_dropout", self.lora_dropout, 0.0, 1.0, open_max=True)
-        check_number("router_lr_ratio", self.router_lr_ratio, 0.0, open_min=True)
+        check_number("router_lr_ratio", self.router_lr_ratio, 0.01, 100.0)
         check_choice("init_weights", self.init_weights, (True, False))
         check_layers_to_transform(self.layers_to_transform, self.layers_pattern)
         if isinstance(self.target_modules, (list, tuple)):
@@ -210,6 +211,8 @@ class LoramixConfig(PeftConfig):
         weights = weights_of_this_save(save_directory)
         self.weights_sha256 = file_sha256(weights) if weights is not None else None
         output = self.to_dict()
+        if output.get("router_lr_ratio") == 1.0:  # the default: left out, so loramix 0.1 still reads the file
+            del output["router_lr_ratio"]
         for key, value in output.items():
             if isinstance(value, set):
                 output[key] = sorted(value)

@@ -15,20 +15,16 @@ def check_int(field: str, value: object, minimum: int) -> None:
         raise ValueError(f"`{field}` must be an integer >= {minimum}, got {value}.")
 
 
-def check_number(
-    field: str, value: object, minimum: float, maximum: float | None = None, *, open_max=False, open_min=False
-) -> None:
-    """``value`` must be a real number in ``[minimum, maximum]`` (``maximum`` excluded if ``open_max``, ``minimum``
-    if ``open_min``)."""
+def check_number(field: str, value: object, minimum: float, maximum: float | None = None, *, open_max=False) -> None:
+    """``value`` must be a real number in ``[minimum, maximum]`` (``maximum`` excluded if ``open_max``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{field}` must be a number, got {value!r} ({type(value).__name__}).")
     if not math.isfinite(value):
         raise ValueError(f"`{field}` must be a finite number, got {value}.")
     upper_ok = maximum is None or (value < maximum if open_max else value <= maximum)
-    lower_ok = value > minimum if open_min else value >= minimum
-    if not (lower_ok and upper_ok):  # also rejects NaN
+    if not (value >= minimum and upper_ok):  # also rejects NaN
         upper = "" if maximum is None else (f", < {maximum}" if open_max else f", <= {maximum}")
-        raise ValueError(f"`{field}` must be {'>' if open_min else '>='} {minimum}{upper}, got {value}.")
+        raise ValueError(f"`{field}` must be >= {minimum}{upper}, got {value}.")
 
 
 def check_choice(field: str, value: object, choices: Iterable[object]) -> None:

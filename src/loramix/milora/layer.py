@@ -164,7 +164,6 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer, ScaledRouter):
     def __init__(self, base_layer: nn.Module, hidden_size: int) -> None:
         super().__init__()
         init_adapter_state(self, base_layer)
-        self.init_router_scaling()
         self.hidden_size = hidden_size
         self._active_adapter = []
 

@@ -127,7 +127,7 @@ def convert(config: dict, tensors: dict[str, torch.Tensor], hf_config: Pretraine
                 f"expert modules in that block: {list(members)}."
             )
         routers[int(index)] = BlockRouter(
-            weight=p["router"],
+            weight=p["router"] * config.get("router_lr_ratio", 1.0),  # W_r = ratio · P (ScaledRouter)
             pooler=config["pooler"],
             activation=config["activation"],
             top_k=config["top_k"],

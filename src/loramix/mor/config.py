@@ -73,6 +73,8 @@ class MoRConfig(LoramixConfig):
             raise ValueError(
                 "`router_aux_loss_coef` must be 0 with router='mean': a uniform router cannot be balanced."
             )
+        if self.router == "mean" and self.router_lr_ratio != 1.0:
+            raise ValueError("`router_lr_ratio` must be 1 with router='mean': the mean router has no weight to train.")
 
     @property
     def is_input_independent(self) -> bool:

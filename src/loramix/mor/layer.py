@@ -34,7 +34,7 @@ class MoRLayer(BaseTunerLayer, ScaledRouter):
     ``mor_A`` (r x d_in) and ``mor_B`` (d_out x r) are the shared LoRA; ``mor_omega_A`` (N x r) and
     ``mor_omega_B`` (N x d_out) the stacked expert scaling vectors; ``mor_router`` (N x d_in) the
     router weight divided by ``router_lr_ratio`` (absent for the non-learnable ``router="mean"``; see
-    :class:`~loramix._tuner.layer.ScaledRouter`: saved files hold the router weight itself).
+    :class:`~loramix._tuner.layer.ScaledRouter`).
     """
 
     adapter_layer_names = ("mor_A", "mor_B", "mor_omega_A", "mor_omega_B", "mor_router")
@@ -56,7 +56,6 @@ class MoRLayer(BaseTunerLayer, ScaledRouter):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         init_adapter_state(self, base_layer, modules=("mor_dropout",))
-        self.init_router_scaling()
 
         base_layer = self.get_base_layer()
         if not isinstance(base_layer, nn.Linear):

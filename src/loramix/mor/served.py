@@ -72,6 +72,8 @@ def convert(config: dict, tensors: dict[str, torch.Tensor], hf_config: Pretraine
         lora_A, lora_B, omega_A, omega_B = p["A"], p["B"], p["omega_A"], p["omega_B"]
         num_experts, r = omega_A.shape
         router = p.get("router")
+        if router is not None:  # the file holds P; the router weight is W_r = router_lr_ratio · P (ScaledRouter)
+            router = router * config.get("router_lr_ratio", 1.0)
         key_A, key_B = lora_keys(module)
         if router is None or num_experts == 1:
             # G is constant (1/N for the mean router, 1 for a single expert), so the mixture is one rank-r LoRA:
