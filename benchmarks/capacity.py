@@ -61,14 +61,18 @@ class Profile:
     lr_grid: tuple[float, ...]
     seeds: tuple[int, ...]
     per_task: dict = field(default_factory=lambda: {"train": 300, "validation": 40, "test": 100})
+    core: bool = False  # only the contenders of the MoR targets: LoRA r, LoRA at MoR's parameters, MoR E1 and E8
 
 
-# Sizes: a first guess, not yet fitted to the issue's budgets (quick < 30 min, full ~90 min on 2 idle cores).
-# Calibrated so far only on a loaded machine (2026-12-05, one thread, another job beside it): 0.52-0.89 s per step
-# at batch 16; after 200 steps at lr 3e-3 validation accuracy was still rising (LoRA r2 0.47, LoRA r16 0.50, MoR
-# E8R2 0.48; chance about 0.29). At these sizes one run is several minutes, so neither profile fits its budget yet.
-QUICK = Profile(layers=4, steps=200, batch=16, ranks=(2,), lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2))
-FULL = Profile(layers=4, steps=200, batch=16, ranks=(2, 4, 8), lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2))
+# Sizes, calibrated on 2 idle cores (2026-12-05, torch 2.13.0+cpu, 2 threads; RESULTS.md §7): about 0.11 s per step at
+# batch 16, so one 800-step run with its evaluations is 80-110 s. Steps matter: LoRA r2 at lr 3e-3 reached 0.59 test
+# accuracy after 300 steps and 0.71 after 800. Rates: 1e-2 was worse than 3e-3 at 800 steps for LoRA r2, LoRA r16
+# and MoR E8R2; 6e-3 won seed 0's validation for some contenders but then failed other seeds (unstable), so the
+# grid stops at 3e-3. The quick profile (26 min measured) runs the contenders of the two MoR targets only
+# (``core``); ``--ranks 2`` without ``--quick`` runs all nine at r = 2 (about 55 min); the full profile (three
+# ranks) is about 2.7 hours at these sizes and does not yet fit its ~90 minutes.
+QUICK = Profile(layers=4, steps=800, batch=16, ranks=(2,), lr_grid=(1.5e-3, 3e-3), seeds=(0, 1, 2), core=True)
+FULL = Profile(layers=4, steps=800, batch=16, ranks=(2, 4, 8), lr_grid=(1.5e-3, 3e-3), seeds=(0, 1, 2))
 
 
 def _lora(r: int, modules: list[str]) -> LoraConfig:
@@ -91,10 +95,10 @@ def matched_rank(r: int, experts: int, dims: list[tuple[int, int]]) -> int:
     return max(1, round(mor / sum(i + o for i, o in dims)))
 
 
-def contenders(r: int, dims: list[tuple[int, int]]) -> dict[str, callable]:
-    """The contenders at rank ``r`` (module docstring), name -> config factory."""
+def contenders(r: int, dims: list[tuple[int, int]], core: bool = False) -> dict[str, callable]:
+    """The contenders at rank ``r`` (module docstring), name -> config factory; ``core``: those of the MoR targets."""
     match = matched_rank(r, EXPERTS, dims)
-    return {
+    every = {
         f"lora_r{r}": lambda: _lora(r, FFN),
         f"lora_r{EXPERTS * r}": lambda: _lora(EXPERTS * r, FFN),
         f"lora_r{match}": lambda: _lora(match, FFN),
@@ -103,6 +107,8 @@ def contenders(r: int, dims: list[tuple[int, int]]) -> dict[str, callable]:
         f"lora_r{r}_all": lambda: _lora(r, SEVEN),
         f"milora_r{r}": lambda: _milora(r),
     }
+    keep = {f"lora_r{r}", f"lora_r{match}", f"mor_e1r{r}", f"mor_e{EXPERTS}r{r}"} if core else every
+    return {n: f for n, f in every.items() if n in keep}
 
 
 # Candidate defaults: name -> (config factory taking r, AdamW rate multipliers per loramix.optim group).
@@ -314,6 +320,11 @@ def comparisons(r: int, dims) -> list[tuple[str, str, str]]:
         (f"MoR E{e} − LoRA r{e * r} (equal total rank)", f"mor_e{e}r{r}", f"lora_r{e * r}"),
         (f"MoR E{e} router − mean (paper Table 4)", f"mor_e{e}r{r}", f"mor_e{e}r{r}_mean"),
         ("MiLoRA − LoRA, seven projections", f"milora_r{r}", f"lora_r{r}_all"),
+        # candidate defaults (--variants), where they ran
+        (f"MoR E{e}, Ω σ 0.5 + router_lr_ratio 10 − MoR E{e} defaults", f"mor_e8_omega0.5_ratio10_r{r}", f"mor_e{e}r{r}"),
+        (f"MoR E{e}, Ω σ 0.5 + router_lr_ratio 10 − LoRA r{match}", f"mor_e8_omega0.5_ratio10_r{r}", f"lora_r{match}"),
+        ("MiLoRA normalize_gates − paper gates", f"milora_normalized_r{r}", f"milora_r{r}"),
+        ("MiLoRA normalize_gates − LoRA, seven projections", f"milora_normalized_r{r}", f"lora_r{r}_all"),
     ]
 
 
@@ -365,6 +376,8 @@ def main(args) -> None:
         profile.steps = args.steps
     if args.ranks:
         profile.ranks = tuple(args.ranks)
+    if args.lr_grid:
+        profile.lr_grid = tuple(args.lr_grid)
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig
 
@@ -392,7 +405,7 @@ def main(args) -> None:
     runs: dict[str, dict] = {}
     plan = []
     for r in profile.ranks:
-        pool = contenders(r, dims) if not args.only_variants else {}
+        pool = contenders(r, dims, profile.core and not args.contenders) if not args.only_variants else {}
         unknown = set(args.contenders or []) - set(contenders(r, dims)) - {""}
         if unknown and not args.only_variants:
             raise SystemExit(f"not contenders at r={r}: {sorted(unknown)} (have {sorted(contenders(r, dims))})")

