@@ -54,8 +54,9 @@ class MoRConfig(LoramixConfig):
     omega_init_std: float = config_field(
         0.0,
         "With init_weights=True, Ω_A and Ω_B start at 1 + N(0, omega_init_std²) instead of exactly 1. At 1 every "
-        "expert is the same function, so the router's gradient is zero and (with Adam) the experts receive "
-        "identical updates: they never become different. Noise breaks that symmetry; the adapter is still a no-op "
+        "expert is the same function, so the router's gradient is zero at the start; the experts then drift apart "
+        "only through each one's own per-token gate weighting (slowly: Ω spread 0.035 after 800 steps in "
+        "benchmarks/RESULTS.md §7). Noise makes them differ from the first step; the adapter is still a no-op "
         "at the start (B = 0). With init_weights=False, Ω is random.",
     )
     bias: Literal["none", "all", "mor_only"] = config_field(
