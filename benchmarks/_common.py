@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -200,6 +201,18 @@ def ratio_table(results: dict[str, dict], reference: str, extra: dict[str, dict[
         ] + [extra.get(name, {}).get(c, "") for c in extra_cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def epoch_batches(population, batch: int, seed: int):
+    """Endless batches of ``batch`` from ``population``, epoch after epoch, each epoch in a new order drawn from
+    ``random.Random(seed)`` (the same draws for every contender of a seed)."""
+    rng = random.Random(seed)
+    order: list = []
+    while True:
+        if len(order) < batch:
+            order += rng.sample(population, len(population))
+        yield order[:batch]
+        order = order[batch:]
 
 
 def optimizer_step(loss, out, aux_coef: float, params, optimizer, schedule) -> float:

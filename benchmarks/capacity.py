@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import loramix
-from _common import build_llama, command_line, machine_info, optimizer_step, print_header
+from _common import build_llama, command_line, epoch_batches, machine_info, optimizer_step, print_header
 from capacity_tasks import TASKS, Item, build_splits
 from loramix.analysis import router_statistics, summarize
 from loramix.routing.session import has_routing
@@ -216,16 +215,13 @@ def train(model, data: Encoded, profile: Profile, lr: float, seed: int, pad: int
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / profile.steps))
     coef = getattr(model.peft_config["default"], "router_aux_loss_coef", 0.0)
-    rng = random.Random(seed)
-    order: list[int] = []
+    batches = epoch_batches(range(len(data.answer)), profile.batch, seed)
     losses = []
     model.train()
     for step in range(profile.steps):
         if probe is not None and step in probe.at:
             probe(model, step)
-        if len(order) < profile.batch:
-            order += rng.sample(range(len(data.answer)), len(data.answer))
-        batch, order = order[: profile.batch], order[profile.batch :]
+        batch = next(batches)
         out = model(**_inputs([data.context[i] for i in batch], pad, has_routing(model)), logits_to_keep=1)
         loss = torch.nn.functional.cross_entropy(*label_logits(out.logits[:, -1].float(), data, batch))
         losses.append(optimizer_step(loss, out, coef, params, optimizer, schedule))

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 import statistics
 import sys
 import time
@@ -58,7 +57,16 @@ from transformers import AutoTokenizer
 
 import capacity
 import loramix
-from _common import build_llama, command_line, machine_info, optimizer_step, parser, print_header, write_json
+from _common import (
+    build_llama,
+    command_line,
+    epoch_batches,
+    machine_info,
+    optimizer_step,
+    parser,
+    print_header,
+    write_json,
+)
 from loramix.analysis import router_statistics, summarize
 from loramix.optim import parameter_groups
 from loramix.routing.session import has_routing
@@ -155,16 +163,13 @@ def train(model, tokenizer, items: list[Item], profile: Profile, seed: int, prob
     )
     routed = has_routing(model)
     coef = getattr(model.peft_config["default"], "router_aux_loss_coef", 0.0)
-    rng = random.Random(seed)
-    order: list[Item] = []
+    batches = epoch_batches(items, profile.batch, seed)
     losses = []
     model.train()
     for step in range(profile.steps):
         if step in probe.at:
             probe(model, step)
-        if len(order) < profile.batch:
-            order += rng.sample(items, len(items))
-        batch, order = order[: profile.batch], order[profile.batch :]
+        batch = next(batches)
         rows = [encode(tokenizer, item) for item in batch]
         tail = max(len(k) for _, k in rows)
         inputs = batch_inputs(model, tokenizer, rows, routed)
