@@ -7,7 +7,7 @@ needs another skill and answers in its own labels, so one low-rank update has to
 scoring on the one answer token; accuracy = the task's label with the highest logit is the right one.
 
 Training is what ``transformers.Trainer`` does by default: AdamW at one learning rate for every parameter
-(weight decay 0), linear decay, gradient clipping 1.0; no per-group rates. Each contender's learning rate is
+(weight decay 0), linear decay, gradient clipping 1.0; per-group rates only in variants that name them. Each contender's learning rate is
 chosen from ``lr_grid`` on the validation split with seed 0 (highest accuracy, then lowest NLL); every seed (seed 0's
 run at that rate included) is then scored on the test split, which is the only split reported. Differences are paired by seed (same items, same order, same base
 model): mean over seeds and a 95% Student-t confidence interval.
@@ -84,7 +84,8 @@ def _mor(r: int, experts: int, **fields) -> loramix.MoRConfig:
 
 
 def _milora(r: int, **fields) -> loramix.MiLoRAConfig:
-    return loramix.MiLoRAConfig(r=r, lora_alpha=4 * r, top_k=3, lora_dropout=0.0, task_type="CAUSAL_LM", **fields)
+    fields = {"lora_alpha": 4 * r, "top_k": 3, "lora_dropout": 0.0, **fields}
+    return loramix.MiLoRAConfig(r=r, task_type="CAUSAL_LM", **fields)
 
 
 def matched_rank(r: int, experts: int, dims: list[tuple[int, int]]) -> int:
@@ -122,6 +123,12 @@ VARIANTS: dict[str, tuple] = {
     "mor_e8_omega0.5_ratio10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.5, router_lr_ratio=10.0), {}),
     "mor_e8_omega0.1_ratio10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.1, router_lr_ratio=10.0), {}),
     "milora_normalized_ratio10": (lambda r: _milora(r, normalize_gates=True, router_lr_ratio=10.0), {}),
+    # selected experts at LoRA's scale when the router is uniform: gates p_i / Σ_selected p_j sum to 1, so
+    # lora_alpha x top_k makes each ≈ 1 (paper gates: p_i ≈ 1/7, lora_alpha x 7). Under Adam a gate scale c acts on a
+    # fresh B like a rate c times larger, so these ask whether MiLoRA only lagged because its updates were scaled down.
+    "milora_normalized_alpha3": (lambda r: _milora(r, normalize_gates=True, lora_alpha=4 * r * 3), {}),
+    "milora_paper_gates_alpha7": (lambda r: _milora(r, lora_alpha=4 * r * 7), {}),
+    "mor_e8_omega_rate10": (lambda r: _mor(r, EXPERTS), {"omega": 10.0}),
 }
 
 
@@ -319,6 +326,11 @@ def comparisons(r: int, dims) -> list[tuple[str, str, str]]:
         (f"MoR E{e}, Ω σ 0.5 + router_lr_ratio 10 − LoRA r{match}", f"mor_e8_omega0.5_ratio10_r{r}", f"lora_r{match}"),
         ("MiLoRA normalize_gates − paper gates", f"milora_normalized_r{r}", f"milora_r{r}"),
         ("MiLoRA normalize_gates − LoRA, seven projections", f"milora_normalized_r{r}", f"lora_r{r}_all"),
+        ("MiLoRA normalize_gates, α×3 − LoRA, seven projections", f"milora_normalized_alpha3_r{r}", f"lora_r{r}_all"),
+        ("MiLoRA normalize_gates, α×3 − MiLoRA defaults", f"milora_normalized_alpha3_r{r}", f"milora_r{r}"),
+        ("MiLoRA paper gates, α×7 − LoRA, seven projections", f"milora_paper_gates_alpha7_r{r}", f"lora_r{r}_all"),
+        (f"MoR E{e}, Ω rate ×10 − MoR E{e} defaults", f"mor_e8_omega_rate10_r{r}", f"mor_e{e}r{r}"),
+        (f"MoR E{e}, Ω rate ×10 − LoRA r{match}", f"mor_e8_omega_rate10_r{r}", f"lora_r{match}"),
     ]
 
 
@@ -327,7 +339,8 @@ def report(runs: dict, profile: Profile, dims) -> str:
     paired differences with 95% CIs."""
     lines = []
     for r in profile.ranks:
-        names = [n for n in runs if runs[n]["rank"] == r or n in contenders(r, dims)]
+        names = [n for n in contenders(r, dims) if n in runs] + [n for n in runs if runs[n]["rank"] == r
+                                                                   and n not in contenders(r, dims)]  # fmt: skip
         lines += [f"\n**r = {r}** (test accuracy, mean ± sd over seeds {list(profile.seeds)})\n",
                   "| contender | trainable | lr | accuracy | NLL | " + " | ".join(TASKS) + " |",
                   "|---|---|---|---|---|" + "---|" * len(TASKS)]  # fmt: skip
@@ -423,7 +436,12 @@ def main(args) -> None:
     for name in ("seeds", "steps", "ranks", "lr_grid", "layers"):
         if getattr(args, name, None):
             setattr(profile, name, tuple(getattr(args, name)) if name in ("seeds", "ranks", "lr_grid") else getattr(args, name))
-    workers = args.workers or os.cpu_count() or 1
+    workers = args.workers or len(os.sched_getaffinity(0))
+    if workers < 1:
+        raise SystemExit(f"--workers must be at least 1, got {workers}")
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"not variants of the capacity profile: {sorted(unknown)} (have {sorted(VARIANTS)})")
     info = machine_info()
     print_header("Capacity-bound fine-tuning quality (benchmarks/quality.py --profile capacity)", info)
     print(f"profile: {profile}; workers: {workers}", flush=True)
@@ -437,11 +455,11 @@ def main(args) -> None:
     log = Path(args.json).with_suffix(".jsonl") if args.json else None
     done = _resume(log)
     plan = []
+    unknown = set(args.contenders or []) - {n for r in profile.ranks for n in contenders(r, setup.dims)} - {""}
+    if unknown and not args.only_variants:
+        raise SystemExit(f"not contenders at r = {list(profile.ranks)}: {sorted(unknown)}")
     for r in profile.ranks:
         every = contenders(r, setup.dims)
-        unknown = set(args.contenders or []) - set(every) - {""}
-        if unknown and not args.only_variants:
-            raise SystemExit(f"not contenders at r={r}: {sorted(unknown)} (have {sorted(every)})")
         pool = [] if args.only_variants else list(every)
         plan += [(r, n) for n in pool if not args.contenders or n in args.contenders]
         plan += [(r, f"{v}_r{r}") for v in args.variants]
@@ -484,8 +502,11 @@ def _key(name: str, lr: float, seed: int, profile: Profile) -> str:
 
 
 def _runner(done: dict, log: Path | None, setup: Setup, profile: Profile, workers: int):
-    """A function that runs the jobs ``(name, r, lr, seed)`` not yet in ``done`` (the JSON log), in this process or
-    in ``workers`` processes of ``cpu_count // workers`` threads each, and records each result as it arrives."""
+    """A function that runs the jobs ``(name, r, lr, seed)`` not yet in ``done`` (the JSON log), in this process
+    (``workers == 1``, ``--threads`` threads) or in ``workers`` processes of ``cores // workers`` threads each, and
+    records each result as it arrives. The two settings differ in float rounding (threads split reductions), so a
+    log resumed with another ``--workers`` may hold runs of both; each record names its ``threads``. A failed run
+    or Ctrl-C cancels the queued runs (finished ones stay in the log) and re-raises."""
 
     def record(result: dict) -> None:
         routers = result["routers"].get(profile.steps)
@@ -499,19 +520,26 @@ def _runner(done: dict, log: Path | None, setup: Setup, profile: Profile, worker
     def run_jobs(jobs: list[tuple]) -> None:
         # one job per key: LoRA r16 is a contender at r = 2 (MoR E8R2's total rank) and r = 8 (its parameters)
         todo = list({_key(j[0], j[2], j[3], profile): j for j in jobs if _key(j[0], j[2], j[3], profile) not in done}.values())
-        if workers == 1 or len(todo) <= 1:
+        if workers == 1:
             for job in todo:
                 record(train_and_score(setup, profile, *job))
+            return
+        if not todo:
             return
         import concurrent.futures as cf
         import multiprocessing
         import sys
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=_init_worker, initargs=(profile, threads, sys.path)) as pool:  # fmt: skip
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_init_worker, initargs=(profile, threads, sys.path))  # fmt: skip
+        try:
             for future in cf.as_completed([pool.submit(_worker_run, job) for job in todo]):
                 record(future.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # not the whole queue on a failure or Ctrl-C
+            raise
+        pool.shutdown()
 
     return run_jobs
 
