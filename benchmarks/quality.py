@@ -36,7 +36,7 @@ Needs the SmolLM2 checkpoint (``make quality`` converts it once from the ``llm-s
 ``--profile capacity`` runs the capacity-bound profile instead (``benchmarks/capacity.py``: tasks at chance before
 training, learning rates chosen on a validation split, paired differences with 95% CIs)::
 
-    python benchmarks/quality.py --profile capacity --quick     # every contender at r = 2: ~20 min on 2 cores
+    python benchmarks/quality.py --profile capacity --quick     # every contender at r = 2: 20 min measured on 2 cores
     python benchmarks/quality.py --profile capacity             # r = 2, 4, 8: 61 min measured on 2 cores
 """
 
