@@ -21,7 +21,7 @@ Contenders per rank ``r`` (FFN = gate/up/down_proj; N = 8 unless named):
 ``mor_e{1,2,4,8}``    loramix MoR with 1/2/4/8 experts of rank r, defaults otherwise (paper Table 3)
 ``mor_e8_mean``       MoR E8 with the mean router (paper Table 4)
 ``lora_all``          PEFT LoRA r on the seven projections
-``milora``            loramix MiLoRA r, top-3 of the seven projections, defaults otherwise
+``milora``            loramix MiLoRA r, top-3 of the seven projections, defaults otherwise (gates 'unit_mean')
 ====================  ================================================================
 
 plus ``--variants`` (:data:`VARIANTS`): candidate defaults, each a contender with config fields changed.
@@ -29,6 +29,7 @@ plus ``--variants`` (:data:`VARIANTS`): candidate defaults, each a contender wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -117,18 +118,20 @@ VARIANTS: dict[str, tuple] = {
     "mor_e8_omega0.5": (lambda r: _mor(r, EXPERTS, omega_init_std=0.5), {}),
     "mor_e8_omega0.5_router10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.5), {"router": 10.0}),
     "mor_e8_omega0.1_router10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.1), {"router": 10.0}),
-    "milora_normalized": (lambda r: _milora(r, normalize_gates=True), {}),
-    "milora_paper_gates": (lambda r: _milora(r, normalize_gates=False), {}),
-    "milora_normalized_router10": (lambda r: _milora(r, normalize_gates=True), {"router": 10.0}),
+    "milora_normalized": (lambda r: _milora(r, gate_form="normalized"), {}),
+    # the paper's Eq. 3 as written (loramix 0.1's default; RESULTS.md §7 measured the defaults of the time with it)
+    "milora_paper_gates": (lambda r: _milora(r, gate_form="probability"), {}),
+    "milora_normalized_router10": (lambda r: _milora(r, gate_form="normalized"), {"router": 10.0}),
     # the same rates through the config (loramix's router_lr_ratio: W_r only, one optimizer group)
     "mor_e8_omega0.5_ratio10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.5, router_lr_ratio=10.0), {}),
     "mor_e8_omega0.1_ratio10": (lambda r: _mor(r, EXPERTS, omega_init_std=0.1, router_lr_ratio=10.0), {}),
-    "milora_normalized_ratio10": (lambda r: _milora(r, normalize_gates=True, router_lr_ratio=10.0), {}),
+    "milora_normalized_ratio10": (lambda r: _milora(r, gate_form="normalized", router_lr_ratio=10.0), {}),
     # selected experts at LoRA's scale when the router is uniform: gates p_i / Σ_selected p_j sum to 1, so
     # lora_alpha x top_k makes each ≈ 1 (paper gates: p_i ≈ 1/7, lora_alpha x 7). Under Adam a gate scale c acts on a
     # fresh B like a rate c times larger, so these ask whether MiLoRA only lagged because its updates were scaled down.
-    "milora_normalized_alpha3": (lambda r: _milora(r, normalize_gates=True, lora_alpha=4 * r * 3), {}),
-    "milora_paper_gates_alpha7": (lambda r: _milora(r, lora_alpha=4 * r * 7), {}),
+    # The first is the function of today's default gates ('unit_mean', k·p_i/S) computed another way.
+    "milora_normalized_alpha3": (lambda r: _milora(r, gate_form="normalized", lora_alpha=4 * r * 3), {}),
+    "milora_paper_gates_alpha7": (lambda r: _milora(r, gate_form="probability", lora_alpha=4 * r * 7), {}),
     "mor_e8_omega_rate10": (lambda r: _mor(r, EXPERTS), {"omega": 10.0}),
 }
 
@@ -325,10 +328,12 @@ def comparisons(r: int, dims) -> list[tuple[str, str, str]]:
         # candidate defaults (--variants), where they ran
         (f"MoR E{e}, Ω σ 0.5 + router_lr_ratio 10 − MoR E{e} defaults", f"mor_e8_omega0.5_ratio10_r{r}", f"mor_e{e}r{r}"),
         (f"MoR E{e}, Ω σ 0.5 + router_lr_ratio 10 − LoRA r{match}", f"mor_e8_omega0.5_ratio10_r{r}", f"lora_r{match}"),
-        ("MiLoRA normalize_gates − paper gates", f"milora_normalized_r{r}", f"milora_r{r}"),
-        ("MiLoRA normalize_gates − LoRA, seven projections", f"milora_normalized_r{r}", f"lora_r{r}_all"),
-        ("MiLoRA normalize_gates, α×3 − LoRA, seven projections", f"milora_normalized_alpha3_r{r}", f"lora_r{r}_all"),
-        ("MiLoRA normalize_gates, α×3 − MiLoRA defaults", f"milora_normalized_alpha3_r{r}", f"milora_r{r}"),
+        ("MiLoRA defaults ('unit_mean') − paper gates", f"milora_r{r}", f"milora_paper_gates_r{r}"),
+        ("MiLoRA paper gates − LoRA, seven projections", f"milora_paper_gates_r{r}", f"lora_r{r}_all"),
+        ("MiLoRA gates normalized − paper gates", f"milora_normalized_r{r}", f"milora_paper_gates_r{r}"),
+        ("MiLoRA gates normalized − LoRA, seven projections", f"milora_normalized_r{r}", f"lora_r{r}_all"),
+        ("MiLoRA gates normalized, α×3 − LoRA, seven projections", f"milora_normalized_alpha3_r{r}", f"lora_r{r}_all"),
+        ("MiLoRA gates normalized, α×3 − paper gates", f"milora_normalized_alpha3_r{r}", f"milora_paper_gates_r{r}"),
         ("MiLoRA paper gates, α×7 − LoRA, seven projections", f"milora_paper_gates_alpha7_r{r}", f"lora_r{r}_all"),
         (f"MoR E{e}, Ω rate ×10 − MoR E{e} defaults", f"mor_e8_omega_rate10_r{r}", f"mor_e{e}r{r}"),
         (f"MoR E{e}, Ω rate ×10 − LoRA r{match}", f"mor_e8_omega_rate10_r{r}", f"lora_r{match}"),
@@ -502,6 +507,17 @@ def _key(name: str, lr: float, seed: int, profile: Profile) -> str:
     return f"{name}|{lr:g}|{seed}|{profile.steps}|{profile.layers}"
 
 
+def fingerprint(name: str, r: int, dims) -> str:
+    """What a run of ``name`` at rank ``r`` trains: a hash of its config's fields and rate multipliers. A logged run
+    with another fingerprint (a default or a contender changed since) is run again, not reused under its old name.
+    The fields include PEFT's own (``peft_version`` among them), so a log does not carry over a PEFT upgrade."""
+    make, rates = factory(name, r, dims)
+    fields = make().to_dict()
+    fields = {k: sorted(v) if isinstance(v, set) else v for k, v in fields.items()}
+    text = json.dumps({"config": fields, "rates": rates}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _runner(done: dict, log: Path | None, setup: Setup, profile: Profile, workers: int):
     """A function that runs the jobs ``(name, r, lr, seed)`` not yet in ``done`` (the JSON log), in this process
     (``workers == 1``, ``--threads`` threads) or in ``workers`` processes of ``cores // workers`` threads each, and
@@ -518,9 +534,18 @@ def _runner(done: dict, log: Path | None, setup: Setup, profile: Profile, worker
                 f.write(json.dumps(result, default=str) + "\n")
         done[result["key"]] = result
 
+    def current(job: tuple) -> bool:
+        logged = done.get(_key(job[0], job[2], job[3], profile))
+        return logged is not None and logged.get("config") == fingerprint(job[0], job[1], setup.dims)
+
     def run_jobs(jobs: list[tuple]) -> None:
         # one job per key: LoRA r16 is a contender at r = 2 (MoR E8R2's total rank) and r = 8 (its parameters)
-        todo = list({_key(j[0], j[2], j[3], profile): j for j in jobs if _key(j[0], j[2], j[3], profile) not in done}.values())
+        todo = list({_key(j[0], j[2], j[3], profile): j for j in jobs if not current(j)}.values())
+        stale = [j for j in jobs if _key(j[0], j[2], j[3], profile) in done and not current(j)]
+        if stale:
+            print(f"{len(stale)} logged runs were made with another config of their contender (or before runs were "
+                  "fingerprinted); running them again: "
+                  + ", ".join(sorted({_key(j[0], j[2], j[3], profile) for j in stale})), flush=True)  # fmt: skip
         if workers == 1:
             for job in todo:
                 record(train_and_score(setup, profile, *job))
@@ -554,7 +579,7 @@ def train_and_score(setup: Setup, profile: Profile, name: str, r: int, lr: float
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     probe = RouterProbe(setup.data["validation"], setup.pad, profile.steps)
     losses = train(model, setup.data["train"], profile, lr, seed, setup.pad, probe, rates)
-    return {"key": _key(name, lr, seed, profile), "trainable": trainable, "final_loss": statistics.mean(losses[-10:]),
+    return {"key": _key(name, lr, seed, profile), "config": fingerprint(name, r, setup.dims), "trainable": trainable, "final_loss": statistics.mean(losses[-10:]),
             "validation": _drop_items(evaluate(model, setup.data["validation"], setup.pad)),
             "test": evaluate(model, setup.data["test"], setup.pad), "routers": probe.snapshots,
             "seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}  # fmt: skip

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     path = load_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = loramix.MiLoRAConfig(r=32, lora_alpha=64, top_k=3, task_type="CAUSAL_LM")  # the paper's defaults
+    config = loramix.MiLoRAConfig(r=32, lora_alpha=64, top_k=3, task_type="CAUSAL_LM")  # the paper's r, lora_alpha and top_k
     model = get_peft_model(base, config)
     model.print_trainable_parameters()
 

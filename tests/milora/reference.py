@@ -50,10 +50,10 @@ def rational_reference(x, numerator, denominator):
 
 
 def router_reference(
-    hidden, mask, pooler, query, activation, weight, top_k, numerator=None, denominator=None, normalize=False
+    hidden, mask, pooler, query, activation, weight, top_k, numerator=None, denominator=None, gate_form="probability"
 ):
     """Eq. 2-3: (probs, gates) of shape (B, N); gates keep p_i of the top-k experts, 0 elsewhere
-    (``normalize``: p_i divided by the sum of the kept p_j)."""
+    (``gate_form`` "normalized": p_i divided by the sum of the kept p_j; "unit_mean": that times top_k)."""
     pooled = pool_reference(hidden, mask, pooler, query)
     if activation == "rational":
         pooled = rational_reference(pooled, numerator, denominator)
@@ -65,9 +65,10 @@ def router_reference(
     gates = torch.zeros_like(probs)
     for b in range(probs.shape[0]):
         order = sorted(range(probs.shape[1]), key=lambda i: -float(probs[b, i]))
-        kept = sum(float(probs[b, i]) for i in order[:top_k]) if normalize else 1.0
+        kept = sum(float(probs[b, i]) for i in order[:top_k]) if gate_form != "probability" else 1.0
+        times = top_k if gate_form == "unit_mean" else 1
         for i in order[:top_k]:
-            gates[b, i] = probs[b, i] / kept
+            gates[b, i] = times * probs[b, i] / kept
     return probs, gates
 
 

@@ -10,12 +10,14 @@ from tests.milora.common import SEVEN, milora_model
 from tests.tiny_models import tiny_llama
 
 
-def test_defaults_are_the_papers():
+def test_defaults():
     config = MiLoRAConfig()
     assert (config.r, config.lora_alpha, config.lora_dropout, config.top_k) == (32, 64, 0.05, 3)
     assert (config.pooler, config.activation, config.rational_order) == ("attention", "rational", (6, 5))
     assert config.router_aux_loss_coef == 1e-2 and config.use_dora is False and config.init_weights is True
-    assert config.normalize_gates is False
+    assert (
+        config.gate_form == "unit_mean"
+    )  # not the paper's: it is silent on the scale (tests/milora/test_gate_form.py)
     assert config.peft_type == "MILORA" and config.scaling == 2.0
 
 
@@ -37,6 +39,7 @@ def test_default_targets_are_the_seven_llama_projections():
         (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef"),
         (dict(router_anchor=""), "router_anchor"),
         (dict(normalize_gates="yes"), "normalize_gates"),
+        (dict(gate_form="sum"), "gate_form"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):

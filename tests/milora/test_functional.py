@@ -81,7 +81,7 @@ def test_router_head_matches_reference(activation):
     numerator, denominator = (torch.tensor(c) for c in F.rational_gelu_init(6, 5))
     pooled = F.activate(F.pool(hidden, mask, "attention", query), activation, numerator, denominator)
     probs = torch.softmax(pooled @ weight.T, dim=-1)
-    gates, selected = F.top_k_gates(probs, 3)
+    gates, selected = F.top_k_gates(probs, 3, "probability")
     ref_probs, ref_gates = router_reference(
         hidden, mask, "attention", query, activation, weight, 3, numerator, denominator
     )
@@ -92,7 +92,7 @@ def test_router_head_matches_reference(activation):
 
 def test_top_k_keeps_the_largest_probabilities_unnormalised():
     probs = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.7, 0.1, 0.1, 0.1]])
-    gates, selected = F.top_k_gates(probs, 2)
+    gates, selected = F.top_k_gates(probs, 2, "probability")
     assert torch.equal(gates, torch.tensor([[0.0, 0.4, 0.0, 0.3], [0.7, 0.0, 0.1, 0.0]])) or torch.equal(
         gates, torch.tensor([[0.0, 0.4, 0.0, 0.3], [0.7, 0.1, 0.0, 0.0]])
     )
@@ -101,10 +101,27 @@ def test_top_k_keeps_the_largest_probabilities_unnormalised():
 
 def test_top_k_normalized_divides_by_the_kept_sum():
     probs = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.05, 0.6, 0.15, 0.2]])
-    gates, selected = F.top_k_gates(probs, 2, normalize=True)
+    gates, selected = F.top_k_gates(probs, 2, "normalized")
     expected = torch.tensor([[0.0, 0.4 / 0.7, 0.0, 0.3 / 0.7], [0.0, 0.6 / 0.8, 0.0, 0.2 / 0.8]])
     assert torch.allclose(gates, expected, atol=1e-7)
     assert torch.equal(selected, expected > 0)
+
+
+def test_top_k_unit_mean_averages_one_over_the_selected():
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.05, 0.6, 0.15, 0.2]])
+    gates, selected = F.top_k_gates(probs, 3, "unit_mean")
+    # kept sums 0.9 and 0.95; each kept p_i times 3 / sum
+    expected = torch.tensor([[0.0, 1.2 / 0.9, 0.6 / 0.9, 0.9 / 0.9], [0.0, 1.8 / 0.95, 0.45 / 0.95, 0.6 / 0.95]])
+    assert torch.allclose(gates, expected, atol=1e-6)
+    assert torch.allclose(gates.sum(-1), torch.tensor([3.0, 3.0]), atol=1e-6)
+    assert torch.equal(selected, expected > 0)
+    uniform, _ = F.top_k_gates(torch.full((1, 7), 1 / 7), 3, "unit_mean")
+    assert torch.allclose(uniform[uniform > 0], torch.ones(3), atol=1e-6)  # LoRA's scale for a uniform router
+
+
+def test_top_k_refuses_an_unknown_gate_form():
+    with pytest.raises(ValueError, match="gate form.*'softmax'"):
+        F.top_k_gates(torch.full((1, 4), 0.25), 2, "softmax")
 
 
 def test_balance_loss_on_a_hand_made_batch():

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 from loramix import MiLoRAConfig
+from loramix.milora.functional import GATE_FORMS
 from tests.milora.common import experts, latest, router_params, routers, watch
 from tests.milora.reference import expert_reference, pool_reference, rational_reference, router_reference
 from tests.milora.test_routing import capture_inputs, capture_router_inputs, record
@@ -156,6 +157,7 @@ def cases(draw):
         blocks=draw(st.integers(1, 2)),
         r=draw(st.integers(1, 8)),
         top_k=draw(st.integers(1, 7)),
+        gate_form=draw(st.sampled_from(GATE_FORMS)),
         pooler=draw(st.sampled_from(["attention", "mean", "last", "max"])),
         activation=draw(st.sampled_from(["rational", "gelu", "relu", "identity"])),
         router_input=draw(st.sampled_from(["normalized", "residual"])),
@@ -165,6 +167,24 @@ def cases(draw):
         left=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
+
+
+def gates_error_bound(probs, bound, selected, gate_form, top_k):
+    """How far the float32 gates may be from the exact ones, from the probabilities' bound ``bound`` (B, N).
+
+    'probability': the selected p_i themselves. Otherwise w_i = c p_i / S with S the sum of the k selected p_j and
+    c = k ('unit_mean') or 1. With |δp_i| <= b_i and |δS| <= Σ_selected b_j = σ < S, exactly
+    |c (p_i + δp_i) / (S + δS) - c p_i / S| = c |S δp_i - p_i δS| / (S (S + δS)) <= c (b_i S + p_i σ) / (S (S - σ)),
+    plus the float32 roundings of the k - 1 sums, the division and the product (γ_(k+2) of the computed |w_i|).
+    """
+    selected = selected.to(D)
+    if gate_form == "probability":
+        return bound * selected
+    c = top_k if gate_form == "unit_mean" else 1
+    total = (probs * selected).sum(-1, keepdim=True)
+    spread = (bound * selected).sum(-1, keepdim=True)
+    error = c * (bound * total + probs * spread) / (total * (total - spread)) * selected
+    return error + gamma(top_k + 2, U32) * (c * probs * selected / total + error)
 
 
 def padded_batch(lengths, left, seed):
@@ -194,7 +214,7 @@ def test_model_routers_and_experts_equal_reference(case):
     config = MiLoRAConfig(
         r=case["r"], lora_alpha=2 * case["r"], top_k=case["top_k"], pooler=case["pooler"],
         activation=case["activation"], router_input=case["router_input"], use_dora=case["use_dora"],
-        lora_dropout=0.0, init_weights=False, task_type="CAUSAL_LM",
+        gate_form=case["gate_form"], lora_dropout=0.0, init_weights=False, task_type="CAUSAL_LM",
     )  # fmt: skip
     model = watch(get_peft_model(base, config).to(case["dtype"]).eval())
     dtype = case["dtype"]
@@ -219,7 +239,7 @@ def test_model_routers_and_experts_equal_reference(case):
         probs, gates = router_reference(
             seen_router[case["router_input"]][name], mask, case["pooler"], params.get("milora_pool_query"),
             case["activation"], params["milora_router"], case["top_k"],
-            params.get("milora_rational_num"), params.get("milora_rational_den"),
+            params.get("milora_rational_num"), params.get("milora_rational_den"), case["gate_form"],
         )  # fmt: skip
         bound = router_error_bound(
             seen_router[case["router_input"]][name], mask, case["pooler"], params.get("milora_pool_query"),
@@ -238,9 +258,10 @@ def test_model_routers_and_experts_equal_reference(case):
             gap = probs.gather(-1, kth) - probs.gather(-1, next_)
             assume(bool((gap > bound.gather(-1, kth) + bound.gather(-1, next_)).all()))
         assert torch.equal(state.selected, gates > 0), (name, state.selected, gates, case)
-        error = ((state.probs * state.selected).double() - gates).abs()
-        assert (error <= bound).all(), (name, "gates", error.max().item(), case)
-        gates_of[name.rsplit(".", 1)[0]] = state.probs * state.selected
+        error = (state.gates.double() - gates).abs()
+        gate_bound = gates_error_bound(probs, bound, state.selected, case["gate_form"], case["top_k"])
+        assert (error <= gate_bound).all(), (name, "gates", error.max().item(), case)
+        gates_of[name.rsplit(".", 1)[0]] = state.gates  # the very gates the experts used
 
     for name, expert in experts(model).items():
         block = next(b for b in gates_of if name.startswith(b + "."))

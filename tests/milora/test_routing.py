@@ -57,8 +57,9 @@ def capture_router_inputs(model):
     "pooler, router_input",
     [("attention", "normalized"), ("mean", "normalized"), ("last", "residual"), ("max", "residual")],
 )
-def test_routers_of_a_real_model_match_the_reference(pooler, router_input):
-    model = milora_model(pooler=pooler, router_input=router_input).eval()
+@pytest.mark.parametrize("gate_form", ["unit_mean", "probability"])
+def test_routers_of_a_real_model_match_the_reference(pooler, router_input, gate_form):
+    model = milora_model(pooler=pooler, router_input=router_input, gate_form=gate_form).eval()
     ids, mask = left_pad([random_tokens(9, 1), random_tokens(5, 2), random_tokens(7, 3)])
     seen, handles = capture_router_inputs(model)
     logits(model, input_ids=ids, attention_mask=mask)
@@ -68,17 +69,21 @@ def test_routers_of_a_real_model_match_the_reference(pooler, router_input):
         params = router_params(router)
         probs, gates = router_reference(
             seen[router_input][name], mask, pooler, params.get("milora_pool_query"), "rational",
-            params["milora_router"], 2, params["milora_rational_num"], params["milora_rational_den"],
+            params["milora_router"], 2, params["milora_rational_num"], params["milora_rational_den"], gate_form,
         )  # fmt: skip
         state = latest(model, name)
         assert torch.allclose(state.probs.double(), probs, atol=1e-5)
-        assert torch.allclose((state.probs * state.selected).double(), gates, atol=1e-5)
+        assert torch.equal(state.selected, gates > 0)
+        assert torch.allclose(state.gates.double(), gates, atol=1e-5)
     assert not torch.allclose(seen["normalized"][name], seen["residual"][name])  # the choice matters
 
 
-@pytest.mark.parametrize("use_dora, normalize", [(False, False), (True, False), (False, True)])
-def test_experts_add_their_gated_update_to_the_selected_rows_only(use_dora, normalize):
-    model = milora_model(use_dora=use_dora, normalize_gates=normalize).eval()
+@pytest.mark.parametrize(
+    "use_dora, gate_form",
+    [(False, "probability"), (True, "probability"), (False, "normalized"), (False, "unit_mean"), (True, "unit_mean")],
+)
+def test_experts_add_their_gated_update_to_the_selected_rows_only(use_dora, gate_form):
+    model = milora_model(use_dora=use_dora, gate_form=gate_form).eval()
     ids, mask = right_pad([random_tokens(6, 4), random_tokens(6, 5), random_tokens(4, 6), random_tokens(5, 7)])
     layer_experts = {n: e for n, e in experts(model).items() if ".layers.1." in n}
     seen, handles = capture_inputs(layer_experts)
@@ -89,8 +94,12 @@ def test_experts_add_their_gated_update_to_the_selected_rows_only(use_dora, norm
         handle.remove()
     state = latest(model, "base_model.model.model.layers.1.input_layernorm")
     gates = state.probs * state.selected
-    if normalize:  # MiLoRAConfig.normalize_gates: the selected weights sum to 1
-        gates = gates / gates.sum(-1, keepdim=True)
+    if gate_form != "probability":  # MiLoRAConfig.gate_form: the selected weights sum to 1, or to top_k
+        gates = (
+            gates
+            / gates.sum(-1, keepdim=True)
+            * (model.peft_config["default"].top_k if gate_form == "unit_mean" else 1)
+        )
     assert 0 < int((gates > 0).any(0).sum()) and bool((gates > 0).sum(0).lt(4).any())  # some experts for some rows
     for name, expert in layer_experts.items():
         base = expert.get_base_layer()

@@ -63,10 +63,12 @@ def test_mor_served_form_equals_the_mixture(tmp_path, router, ratio):
     torch.testing.assert_close(_served_delta(served, module, x, gate), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("normalize", "ratio"), [(False, 1.0), (True, 1.0), (False, 5.0)])
-def test_milora_routes_and_experts_equal_loramix(tmp_path, normalize, ratio):
+@pytest.mark.parametrize(
+    ("gate_form", "ratio"), [("probability", 1.0), ("normalized", 1.0), ("unit_mean", 1.0), ("probability", 5.0)]
+)
+def test_milora_routes_and_experts_equal_loramix(tmp_path, gate_form, ratio):
     config = loramix.MiLoRAConfig(
-        r=4, top_k=2, lora_alpha=8, init_weights=False, normalize_gates=normalize, router_lr_ratio=ratio
+        r=4, top_k=2, lora_alpha=8, init_weights=False, gate_form=gate_form, router_lr_ratio=ratio
     )  # fmt: skip
     raw = _saved(tmp_path, config)
     served = convert(str(tmp_path), tiny_config())
@@ -78,9 +80,9 @@ def test_milora_routes_and_experts_equal_loramix(tmp_path, normalize, ratio):
         r = f"{PREFIX}model.layers.{block}.input_layernorm.milora_"
         _, gates = router_reference(
             hidden, None, "attention", raw[r + "pool_query"], "rational", ratio * raw[r + "router"], 2,
-            raw[r + "rational_num"], raw[r + "rational_den"], normalize,
+            raw[r + "rational_num"], raw[r + "rational_den"], gate_form,
         )  # fmt: skip
-        assert router.normalize_gates is normalize
+        assert router.gate_form == gate_form
         torch.testing.assert_close(router.route(hidden[0]).double(), gates[0], rtol=1e-5, atol=1e-6)
         for column, module in enumerate(router.experts):
             assert served.gates[module] == PromptGate(block, column)
@@ -136,6 +138,34 @@ def test_unservable_and_foreign_adapters(tmp_path):
 
     _saved(tmp_path / "lora", LoraConfig(r=4, target_modules=["q_proj"]))
     assert convert(str(tmp_path / "lora"), tiny_config()) is None  # plain LoRA: vLLM's own loader
+
+
+def _edit_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_gate_form_of_a_loramix_0_1_file_and_refusals(tmp_path):
+    """Served gates follow the file as MiLoRAConfig reads it: format 1 without gate_form = the paper's (or
+    normalize_gates'); a newer format, an unknown or a conflicting gate form are refused, naming what is wrong."""
+    _saved(tmp_path, loramix.MiLoRAConfig(r=4, top_k=2, init_weights=False, gate_form="normalized"))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["loramix_format"] == 1
+    assert {r.gate_form for r in convert(str(tmp_path), tiny_config()).routers.values()} == {"normalized"}
+    _edit_config(tmp_path, normalize_gates=False)
+    assert {r.gate_form for r in convert(str(tmp_path), tiny_config()).routers.values()} == {"probability"}
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "normalize_gates"}))
+    assert {r.gate_form for r in convert(str(tmp_path), tiny_config()).routers.values()} == {"probability"}
+    _edit_config(tmp_path, loramix_format=2, gate_form="unit_mean")
+    assert {r.gate_form for r in convert(str(tmp_path), tiny_config()).routers.values()} == {"unit_mean"}
+    for changes, message in [
+        (dict(gate_form="softmax"), "`gate_form` must be one of"),
+        (dict(gate_form="unit_mean", normalize_gates=True), "`normalize_gates`=True means"),
+        (dict(loramix_format=99), "newer loramix \\(adapter format 99"),
+    ]:
+        _edit_config(tmp_path, **{"normalize_gates": None, "gate_form": "unit_mean", "loramix_format": 2, **changes})
+        with pytest.raises(UnservableAdapter, match=message):
+            convert(str(tmp_path), tiny_config())
 
 
 def test_tampered_weights_are_refused(tmp_path):

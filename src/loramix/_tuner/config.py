@@ -39,8 +39,10 @@ from peft.utils.peft_types import PeftType
 from loramix._tuner.saving import atomic_write_bytes, file_sha256, finish_save, resolve_weights, weights_of_this_save
 from loramix._tuner.validation import check_choice, check_int, check_layers_to_transform, check_number
 
-# Bump when a saved adapter could not be loaded correctly by an older loramix.
-LORAMIX_FORMAT = 1
+# Bump when a saved adapter could not be loaded correctly by an older loramix. Files are written at the oldest
+# format that holds them (LoramixConfig.adapter_format), so an adapter that needs nothing new still loads on
+# loramix 0.1. Format 2 (loramix 0.2): router_lr_ratio other than 1, MiLoRA's gate_form 'unit_mean'.
+LORAMIX_FORMAT = 2
 
 
 def config_field(default: Any, help: str) -> Any:
@@ -117,8 +119,9 @@ class LoramixConfig(PeftConfig):
     )
     loramix_format: int = config_field(
         LORAMIX_FORMAT,
-        "Version of the adapter format, written into adapter_config.json; set automatically, do not edit. A config "
-        "from a newer loramix (a higher number) is refused.",
+        "Version of the adapter format; set automatically, do not edit. adapter_config.json holds the oldest format "
+        "that holds the adapter (`adapter_format()`, so older loramix versions read what they can); a loaded config "
+        "is converted to this installation's format. A config from a newer loramix (a higher number) is refused.",
     )
     weights_sha256: str | None = config_field(
         None,
@@ -148,6 +151,9 @@ class LoramixConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
+        # Read: in memory every config is of this installation's format (a subclass that reads an older file
+        # differently takes the saved number before calling this); save_pretrained writes adapter_format().
+        self.loramix_format = LORAMIX_FORMAT
 
     @property
     def scaling(self) -> float:
@@ -203,6 +209,19 @@ class LoramixConfig(PeftConfig):
             resolve_weights(directory, config.weights_sha256)
         return config
 
+    def adapter_format(self) -> int:
+        """The oldest adapter format that holds this config exactly (what ``save_pretrained`` writes): 1 unless a
+        field needs loramix 0.2. Loramix 0.1 reads format 1 and refuses newer files on every loading path."""
+        return 1 if self.router_lr_ratio == 1.0 else 2
+
+    def to_saved_dict(self) -> dict[str, Any]:
+        """The fields as ``adapter_config.json`` holds them, at format :meth:`adapter_format`."""
+        output = self.to_dict()
+        output["loramix_format"] = self.adapter_format()
+        if output.get("router_lr_ratio") == 1.0:  # the default: left out, so loramix 0.1 still reads the file
+            del output["router_lr_ratio"]
+        return output
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``adapter_config.json`` atomically, recording the hash of the weights saved beside it."""
         if os.path.isfile(save_directory):
@@ -210,9 +229,7 @@ class LoramixConfig(PeftConfig):
         os.makedirs(save_directory, exist_ok=True)
         weights = weights_of_this_save(save_directory)
         self.weights_sha256 = file_sha256(weights) if weights is not None else None
-        output = self.to_dict()
-        if output.get("router_lr_ratio") == 1.0:  # the default: left out, so loramix 0.1 still reads the file
-            del output["router_lr_ratio"]
+        output = self.to_saved_dict()
         for key, value in output.items():
             if isinstance(value, set):
                 output[key] = sorted(value)

@@ -5,8 +5,8 @@ Router of one transformer block (paper Eq. 2-3 and Appendix C), for a batch of p
     h      = Pooler(H)                  # (B, d) from the block's input hidden states H (B, T, d), normalized
     logits = g(h) W_r^T                 # (B, N): g = rational / gelu / relu / identity
     p      = softmax(logits)            # (B, N)
-    w      = Top-k(p)                   # p_i for the k largest, 0 elsewhere (paper: not renormalised;
-                                        #   normalize_gates=True: divided by their sum)
+    w      = Top-k(p)                   # for the k largest p_i, 0 elsewhere: p_i (the paper's Eq. 3),
+                                        #   p_i / Σ_kept p_j, or k · p_i / Σ_kept p_j (MiLoRAConfig.gate_form)
 
 ``H`` is taken after the block's input norm by default (``MiLoRAConfig.router_input``). Expert ``i``
 of the block (an ordinary LoRA, or DoRA for MiDoRA) then adds ``w_i · Δ_i(x)`` to its linear layer's
@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from loramix import kernels
 
 POOLERS = ("attention", "mean", "last", "max")
+# MiLoRAConfig.gate_form: what a selected expert's update is multiplied by (see top_k_gates).
+GATE_FORMS = ("unit_mean", "normalized", "probability")
 ACTIVATIONS = ("rational", "gelu", "relu", "identity")
 
 # The GeLU fit of the rational activation: least squares on this many points of [-FIT_RANGE, FIT_RANGE].
@@ -132,19 +134,27 @@ def activate(x: torch.Tensor, activation: str, numerator=None, denominator=None)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def top_k_gates(probs: torch.Tensor, top_k: int, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_gates(probs: torch.Tensor, top_k: int, form: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``Top-k`` of Eq. 3: the router weights ``w`` (B, N) and the selection mask (B, N).
 
-    ``w_i = p_i`` for the ``k`` most probable experts and 0 for the others. By default the kept weights
-    are *not* renormalised: Eq. 3 applies Top-k to the softmax output, and keeping ``p_i`` lets the
-    language-model loss train the router through the gate values. Then each selected expert's update is
-    scaled by about ``1/N`` at the start (uniform router). ``normalize=True`` divides the kept weights by
-    their sum (``Σ w = 1``, as Mixtral's top-k; with ``k = 1`` every gate is the constant 1 and only the
-    balance loss reaches the router).
+    ``w`` is 0 for the experts outside the ``k`` most probable; for the selected ones it depends on ``form``
+    (:data:`GATE_FORMS`, ``MiLoRAConfig.gate_form``), with ``S = Σ_selected p_j``:
+
+    * ``"probability"``: ``w_i = p_i``, Eq. 3 as written (Top-k of the softmax output, not renormalised). A
+      selected expert's update is scaled by about ``1/N`` at the start (uniform router).
+    * ``"normalized"``: ``w_i = p_i / S`` (``Σ w = 1``, as Mixtral's top-k).
+    * ``"unit_mean"``: ``w_i = k · p_i / S``: the selected weights average 1, so an expert of a uniform router
+      adds its update at LoRA's scale ``lora_alpha / r``; the router still trains through their ratios.
+
+    With ``k = 1`` the last two are the constant 1, and only the balance loss reaches the router.
     """
+    if form not in GATE_FORMS:
+        raise ValueError(f"gate form must be one of {GATE_FORMS}, got {form!r}.")
     values, index = probs.topk(top_k, dim=-1)
-    if normalize:
+    if form != "probability":
         values = values / values.sum(dim=-1, keepdim=True)
+        if form == "unit_mean":
+            values = values * top_k
     gates = torch.zeros_like(probs).scatter(-1, index, values)
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
     return gates, selected
@@ -158,7 +168,7 @@ def route(
     pooler: str,
     activation: str,
     top_k: int,
-    normalize_gates: bool = False,
+    gate_form: str,
     query: torch.Tensor | None = None,
     numerator: torch.Tensor | None = None,
     denominator: torch.Tensor | None = None,
@@ -167,7 +177,8 @@ def route(
 
     ``hidden`` (B, T, d) are the block inputs, ``mask`` (B, T) the tokens that may enter the pool (``None``:
     all), ``router_weight`` ``W_r`` (N, d); ``query`` is the attention pooler's ``W_sa`` and
-    ``numerator``/``denominator`` the rational activation's coefficients. Returns ``(logits, probs, gates,
+    ``numerator``/``denominator`` the rational activation's coefficients, ``gate_form`` that of
+    :func:`top_k_gates`. Returns ``(logits, probs, gates,
     selected)``, each (B, N): logits and probabilities, the router weights ``w`` and the selection mask.
 
     The one implementation of MiLoRA's routing: the tuner's router layer and the vLLM plugin both call it, so a
@@ -185,7 +196,7 @@ def route(
             pooled = activate(pooled, activation)
         logits = F.linear(pooled, router_weight.to(device).float())
         probs = torch.softmax(logits, dim=-1)
-        gates, selected = top_k_gates(probs, top_k, normalize_gates)
+        gates, selected = top_k_gates(probs, top_k, gate_form)
     return logits, probs, gates, selected
 
 

@@ -137,7 +137,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer, ScaledRouter):
     adapter_layer_names = ("milora_router", "milora_pool_query", "milora_rational_num", "milora_rational_den")
     other_param_names = (
         "top_k",
-        "normalize_gates",
+        "gate_form",
         "pooler",
         "activation",
         "router_input",
@@ -153,7 +153,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer, ScaledRouter):
     milora_rational_num: nn.ParameterDict
     milora_rational_den: nn.ParameterDict
     top_k: dict[str, int]
-    normalize_gates: dict[str, bool]
+    gate_form: dict[str, str]
     pooler: dict[str, str]
     activation: dict[str, str]
     router_input: dict[str, str]
@@ -183,7 +183,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer, ScaledRouter):
                 f"{list(expert_names)}). Lower top_k or target more modules."
             )
         self.top_k[adapter_name] = config.top_k
-        self.normalize_gates[adapter_name] = config.normalize_gates
+        self.gate_form[adapter_name] = config.gate_form
         self.pooler[adapter_name] = config.pooler
         self.activation[adapter_name] = config.activation
         self.router_input[adapter_name] = config.router_input
@@ -241,7 +241,7 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer, ScaledRouter):
             pooler=self.pooler[name],
             activation=self.activation[name],
             top_k=self.top_k[name],
-            normalize_gates=self.normalize_gates[name],
+            gate_form=self.gate_form[name],
             query=self.milora_pool_query[name] if name in self.milora_pool_query else None,
             numerator=self.milora_rational_num[name] if name in self.milora_rational_num else None,
             denominator=self.milora_rational_den[name] if name in self.milora_rational_den else None,
@@ -288,7 +288,9 @@ class MiLoRARouter(nn.Module, MiLoRATunerLayer, ScaledRouter):
             state = self.route(name, hidden.index_select(0, rows), pool).place(rows, row_key, hidden.shape[0])
         if not session.closed:  # not a re-run by activation checkpointing
             session.decisions[(self, name)] = state
-            record = RouterRecord(self, name, state.probs, logits=state.logits, selected=state.selected, rows=rows)
+            record = RouterRecord(
+                self, name, state.probs, logits=state.logits, selected=state.selected, rows=rows, gates=state.gates
+            )
             session.record(record)
         return state
 

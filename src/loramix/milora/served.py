@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from loramix.milora import functional as F_milora
+from loramix.milora.config import resolve_gate_form
 from loramix.vllm.convert import ServedAdapter, UnservableAdapter, by_module, lora_keys
 from loramix.vllm.gates import Gate, PromptGate, PromptRouter
 
@@ -39,6 +40,10 @@ def check_config(config: dict) -> list[str]:
         problems.append(f"`router_anchor`={config['router_anchor']!r} (only `input_layernorm` is served)")
     if config.get("pooler") not in F_milora.POOLERS:
         problems.append(f"`pooler`={config.get('pooler')!r}")
+    try:
+        resolve_gate_form(config.get("gate_form"), config.get("normalize_gates"), config.get("loramix_format"))
+    except ValueError as error:
+        problems.append(str(error))
     return problems
 
 
@@ -60,7 +65,7 @@ class BlockRouter(PromptRouter):
     activation: str
     top_k: int
     experts: tuple[str, ...]
-    normalize_gates: bool = False  # MiLoRAConfig.normalize_gates
+    gate_form: str  # MiLoRAConfig.gate_form
     query: torch.Tensor | None = None  # (d,), attention pooler
     numerator: torch.Tensor | None = None  # rational activation
     denominator: torch.Tensor | None = None
@@ -75,7 +80,7 @@ class BlockRouter(PromptRouter):
             pooler=self.pooler,
             activation=self.activation,
             top_k=self.top_k,
-            normalize_gates=self.normalize_gates,
+            gate_form=self.gate_form,
             query=self.query,
             numerator=self.numerator,
             denominator=self.denominator,
@@ -113,6 +118,8 @@ def convert(config: dict, tensors: dict[str, torch.Tensor], hf_config: Pretraine
             raise UnservableAdapter(f"MiLoRA expert '{module}' has parameters {sorted(p)}, expected A and B.")
         key_A, key_B = lora_keys(module)
         out[key_A], out[key_B] = p["A"], scaling * p["B"]
+    # read as MiLoRAConfig reads it: format 1 files hold loramix 0.1's normalize_gates
+    gate_form = resolve_gate_form(config.get("gate_form"), config.get("normalize_gates"), config.get("loramix_format"))
     gates: dict[str, Gate] = {}
     routers: dict[int, PromptRouter] = {}
     ordered = expert_order(hf_config, set(expert_params))
@@ -132,7 +139,7 @@ def convert(config: dict, tensors: dict[str, torch.Tensor], hf_config: Pretraine
             activation=config["activation"],
             top_k=config["top_k"],
             experts=members,
-            normalize_gates=bool(config.get("normalize_gates", False)),
+            gate_form=gate_form,
             query=p.get("pool_query"),
             numerator=p.get("rational_num"),
             denominator=p.get("rational_den"),

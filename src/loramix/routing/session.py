@@ -120,7 +120,8 @@ class RouterRecord:
     """What one router computed in one forward, for one adapter.
 
     ``probs`` (..., N) float32: ``(B, T, N)`` per token (MoR) or ``(B, N)`` per prompt (MiLoRA);
-    ``mask`` marks the rows that count (MoR: attended tokens); ``logits`` and ``selected`` (top-k)
+    ``mask`` marks the rows that count (MoR: attended tokens); ``logits``, ``selected`` (top-k) and
+    ``gates`` (the weights the selected experts' updates were multiplied by, ``MiLoRAConfig.gate_form``)
     are set by MiLoRA; ``layer`` is the module that routed. In a mixed-adapter batch ``rows`` are the
     batch rows of ``adapter`` that the record covers (its first dimension); ``None`` means all rows.
     """
@@ -132,6 +133,7 @@ class RouterRecord:
     logits: torch.Tensor | None = None
     selected: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    gates: torch.Tensor | None = None
 
 
 def build_pool_mask(attention_mask, labels, prompt_mask, length: int | None):

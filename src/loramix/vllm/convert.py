@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file
 
+from loramix._tuner.config import LORAMIX_FORMAT
 from loramix._tuner.saving import resolve_weights
 from loramix.method import method_of
 from loramix.vllm.gates import Gate, PromptRouter
@@ -83,6 +84,12 @@ def served_form(config: dict) -> ModuleType:
 
 def check_config(config: dict) -> None:
     """Refuse the settings the served form does not reproduce exactly (message names the setting)."""
+    saved_format = config.get("loramix_format", 1)
+    if isinstance(saved_format, int) and saved_format > LORAMIX_FORMAT:
+        raise UnservableAdapter(
+            f"This adapter was saved by a newer loramix (adapter format {saved_format}; this installation reads "
+            f"format {LORAMIX_FORMAT}). Upgrade loramix: `pip install -U loramix`."
+        )
     problems = []
     if config.get("modules_to_save"):
         problems.append(f"`modules_to_save`={config['modules_to_save']} (vLLM LoRA serves no fully trained modules)")
