@@ -12,6 +12,13 @@ chosen from ``lr_grid`` on the validation split with seed 0 (highest accuracy, t
 run at that rate included) is then scored on the test split, which is the only split reported. Differences are paired by seed (same items, same order, same base
 model): mean over seeds and a 95% Student-t confidence interval.
 
+On a GPU (the issue's bf16 run on a larger model, not yet run: no GPU was available), the same profile on the whole
+SmolLM2-135M (30 blocks) in bf16 autocast with float32 weights, as ``Trainer(bf16=True)``; runs of another device or
+precision are logged under their own keys::
+
+    python benchmarks/quality.py --profile capacity --quick --device cuda --dtype bfloat16 --layers 30 \
+        --json /tmp/capacity_gpu/quick.json
+
 Contenders per rank ``r`` (FFN = gate/up/down_proj; N = 8 unless named):
 
 ====================  ================================================================
@@ -62,6 +69,8 @@ class Profile:
     lr_grid: tuple[float, ...]
     seeds: tuple[int, ...]
     per_task: dict = field(default_factory=lambda: {"train": 300, "validation": 40, "test": 100})
+    device: str = "cpu"
+    dtype: str = "float32"  # "bfloat16": the forward under autocast, float32 weights and optimizer (Trainer's bf16)
 
 
 # Sizes, calibrated on 2 idle cores (2026-12-05, torch 2.13.0+cpu; RESULTS.md §7). Two blocks: LoRA r2 then scores
@@ -72,6 +81,8 @@ class Profile:
 # and MoR E8R2; 6e-3 won seed 0's validation for some contenders but then failed other seeds (unstable), so the
 # grid stops at 3e-3. Runs: 10 contenders x (2 rates + 2 more seeds) per rank, LoRA r16 shared by r = 2 and 8: 116
 # runs, 61 minutes measured for the full profile with two workers; each further seed adds 29 runs (about 15 min).
+# On a GPU (--device cuda): processes sharing the device; each run is small (a 135M model, batch 16).
+GPU_WORKERS = 4
 QUICK = Profile(layers=2, steps=800, batch=16, ranks=(2,), lr_grid=(1.5e-3, 3e-3), seeds=(0, 1, 2))
 FULL = Profile(layers=2, steps=800, batch=16, ranks=(2, 4, 8), lr_grid=(1.5e-3, 3e-3), seeds=(0, 1, 2))
 
@@ -189,16 +200,23 @@ def build_model(config, state, layers: int, vocabulary: list[int]):
     return model
 
 
-def _inputs(rows: list[list[int]], pad: int, routed: bool) -> dict:
+def _inputs(rows: list[list[int]], pad: int, routed: bool, device: torch.device | str = "cpu") -> dict:
     ids, attention, positions, _ = left_padded([(row, []) for row in rows], pad)
     inputs = {"input_ids": ids, "attention_mask": attention, "position_ids": positions}
     if routed:
         inputs["prompt_mask"] = attention.bool()  # MiLoRA routes on the whole prompt (the answer is not in it)
-    return inputs
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
-def last_logits(model, rows: list[list[int]], pad: int) -> torch.Tensor:
-    out = model(**_inputs(rows, pad, has_routing(model)), logits_to_keep=1)
+def autocast(model, dtype: str):
+    """The forward's precision: float32, or ``dtype`` under autocast with float32 weights (``Trainer(bf16=True)``)."""
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def last_logits(model, rows: list[list[int]], pad: int, dtype: str = "float32") -> torch.Tensor:
+    with autocast(model, dtype):
+        out = model(**_inputs(rows, pad, has_routing(model), model.device), logits_to_keep=1)
     return out.logits[:, -1].float()
 
 
@@ -206,10 +224,11 @@ def label_logits(logits: torch.Tensor, data: Encoded, rows: list[int]) -> tuple[
     """``(scores, targets)``: each row's logits of its task's labels only (padded with -inf to the most labels)
     and the index of the right label: the loss is a classification among the task's labels, as scored."""
     width = max(len(data.labels[i]) for i in rows)
-    index = torch.tensor([data.labels[i] + [0] * (width - len(data.labels[i])) for i in rows])
+    device = logits.device
+    index = torch.tensor([data.labels[i] + [0] * (width - len(data.labels[i])) for i in rows], device=device)
     scores = logits.gather(1, index)
-    valid = torch.tensor([[k < len(data.labels[i]) for k in range(width)] for i in rows])
-    return scores.masked_fill(~valid, float("-inf")), torch.tensor([data.gold[i] for i in rows])
+    valid = torch.tensor([[k < len(data.labels[i]) for k in range(width)] for i in rows], device=device)
+    return scores.masked_fill(~valid, float("-inf")), torch.tensor([data.gold[i] for i in rows], device=device)
 
 
 def train(model, data: Encoded, profile: Profile, lr: float, seed: int, pad: int, probe=None, rates=None) -> list[float]:
@@ -231,7 +250,9 @@ def train(model, data: Encoded, profile: Profile, lr: float, seed: int, pad: int
         if probe is not None and step in probe.at:
             probe(model, step)
         batch = next(batches)
-        out = model(**_inputs([data.context[i] for i in batch], pad, has_routing(model)), logits_to_keep=1)
+        with autocast(model, profile.dtype):
+            inputs = _inputs([data.context[i] for i in batch], pad, has_routing(model), model.device)
+            out = model(**inputs, logits_to_keep=1)
         loss = torch.nn.functional.cross_entropy(*label_logits(out.logits[:, -1].float(), data, batch))
         losses.append(optimizer_step(loss, out, coef, params, optimizer, schedule))
     model.eval()
@@ -241,12 +262,12 @@ def train(model, data: Encoded, profile: Profile, lr: float, seed: int, pad: int
 
 
 @torch.no_grad()
-def evaluate(model, data: Encoded, pad: int, batch: int = 128) -> dict:
+def evaluate(model, data: Encoded, pad: int, batch: int = 128, dtype: str = "float32") -> dict:
     """Per item: right (bool) and the right label's NLL among the task's labels; per task: their means."""
     model.eval()
     right, nll = [], []
     for start in range(0, len(data.answer), batch):
-        logits = last_logits(model, data.context[start : start + batch], pad)
+        logits = last_logits(model, data.context[start : start + batch], pad, dtype).cpu()
         for row, i in enumerate(range(start, min(start + batch, len(data.answer)))):
             scores = torch.log_softmax(logits[row, data.labels[i]].double(), dim=-1)
             right.append(int(scores.argmax()) == data.gold[i])
@@ -262,7 +283,8 @@ def evaluate(model, data: Encoded, pad: int, batch: int = 128) -> dict:
 class RouterProbe:
     """Router entropy, task specialisation and (MoR) Ω spread on held-out prompts at the start, middle and end."""
 
-    def __init__(self, data: Encoded, pad: int, steps: int, per_task: int = 16) -> None:
+    def __init__(self, data: Encoded, pad: int, steps: int, per_task: int = 16, dtype: str = "float32") -> None:
+        self.dtype = dtype
         keep = [i for t in TASKS for i in [j for j, task in enumerate(data.tasks) if task == t][:per_task]]
         self.rows, self.tasks, self.pad = [data.context[i] for i in keep], [data.tasks[i] for i in keep], pad
         self.at = {0, steps // 2}
@@ -273,7 +295,8 @@ class RouterProbe:
         if not has_routing(model) or getattr(config, "router", "") == "mean" or getattr(config, "num_experts", 2) == 1:
             return
         batch = {**_inputs(self.rows, self.pad, True), "task": self.tasks}
-        stats = router_statistics(model, [batch])
+        with autocast(model, self.dtype):
+            stats = router_statistics(model, [batch])
         snap = {k: v for k, v in summarize(stats).items() if k in ("normalized_entropy", "max_usage")}
         snap["specialisation"] = specialisation(stats)
         spread = [p.detach().double().std(dim=0).mean().item() for n, p in model.named_parameters()
@@ -442,23 +465,33 @@ def main(args) -> None:
     for name in ("seeds", "steps", "ranks", "lr_grid", "layers"):
         if getattr(args, name, None):
             setattr(profile, name, tuple(getattr(args, name)) if name in ("seeds", "ranks", "lr_grid") else getattr(args, name))
-    workers = args.workers or len(os.sched_getaffinity(0))
+    for name in ("device", "dtype"):
+        if getattr(args, name, None):
+            setattr(profile, name, getattr(args, name))
+    device = torch.device(profile.device)
+    profile.device = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type  # one log key per device
+    if profile.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {profile.device}: torch sees no CUDA device")
+    # CPU: one 1-thread process per core (short sequences are overhead-bound); a GPU: a few processes share it
+    workers = args.workers or (GPU_WORKERS if profile.device.startswith("cuda") else len(os.sched_getaffinity(0)))
     if workers < 1:
         raise SystemExit(f"--workers must be at least 1, got {workers}")
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"not variants of the capacity profile: {sorted(unknown)} (have {sorted(VARIANTS)})")
-    info = machine_info()
+    info = machine_info(torch.device(profile.device))
     print_header("Capacity-bound fine-tuning quality (benchmarks/quality.py --profile capacity)", info)
     print(f"profile: {profile}; workers: {workers}", flush=True)
     setup = prepare(profile)
     print("items: " + ", ".join(f"{s} {len(d.answer)}" for s, d in setup.data.items()))
-    base = build_model(setup.config, setup.state, profile.layers, setup.vocabulary).eval()
-    base_test = evaluate(base, setup.data["test"], setup.pad)
+    base = build_model(setup.config, setup.state, profile.layers, setup.vocabulary).to(profile.device).eval()
+    base_test = evaluate(base, setup.data["test"], setup.pad, dtype=profile.dtype)
     print(f"base model ({profile.layers} blocks): test accuracy {base_test['accuracy']:.3f} "
           + " ".join(f"{t} {v['accuracy']:.2f}" for t, v in base_test["tasks"].items()), flush=True)  # fmt: skip
     del base
     log = Path(args.json).with_suffix(".jsonl") if args.json else None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
     done = _resume(log)
     plan = []
     unknown = set(args.contenders or []) - {n for r in profile.ranks for n in contenders(r, setup.dims)} - {""}
@@ -504,7 +537,9 @@ def main(args) -> None:
 
 
 def _key(name: str, lr: float, seed: int, profile: Profile) -> str:
-    return f"{name}|{lr:g}|{seed}|{profile.steps}|{profile.layers}"
+    # runs on another device or in another precision are other runs (the CPU float32 keys are those of old logs)
+    where = "" if (profile.device, profile.dtype) == ("cpu", "float32") else f"|{profile.device}|{profile.dtype}"
+    return f"{name}|{lr:g}|{seed}|{profile.steps}|{profile.layers}{where}"
 
 
 def fingerprint(name: str, r: int, dims) -> str:
@@ -576,12 +611,13 @@ def train_and_score(setup: Setup, profile: Profile, name: str, r: int, lr: float
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = get_peft_model(build_model(setup.config, setup.state, profile.layers, setup.vocabulary), make())
+    model.to(profile.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    probe = RouterProbe(setup.data["validation"], setup.pad, profile.steps)
+    probe = RouterProbe(setup.data["validation"], setup.pad, profile.steps, dtype=profile.dtype)
     losses = train(model, setup.data["train"], profile, lr, seed, setup.pad, probe, rates)
     return {"key": _key(name, lr, seed, profile), "config": fingerprint(name, r, setup.dims), "trainable": trainable, "final_loss": statistics.mean(losses[-10:]),
-            "validation": _drop_items(evaluate(model, setup.data["validation"], setup.pad)),
-            "test": evaluate(model, setup.data["test"], setup.pad), "routers": probe.snapshots,
+            "validation": _drop_items(evaluate(model, setup.data["validation"], setup.pad, dtype=profile.dtype)),
+            "test": evaluate(model, setup.data["test"], setup.pad, dtype=profile.dtype), "routers": probe.snapshots,
             "seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}  # fmt: skip
 
 

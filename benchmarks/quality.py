@@ -39,6 +39,7 @@ training, learning rates chosen on a validation split, paired differences with 9
 
     python benchmarks/quality.py --profile capacity --quick     # every contender at r = 2: 20 min measured on 2 cores
     python benchmarks/quality.py --profile capacity             # r = 2, 4, 8: 61 min measured on 2 cores
+    python benchmarks/quality.py --profile capacity --quick --device cuda --dtype bfloat16 --layers 30  # a GPU
 """
 
 from __future__ import annotations
@@ -357,14 +358,20 @@ def main() -> None:
     p.add_argument("--lr-grid", type=float, nargs="*", default=None, help="capacity: the learning rates tried on "
                    "validation (default: profile's; one rate = no selection)")  # fmt: skip
     p.add_argument("--layers", type=int, default=None, help="capacity: SmolLM2 blocks kept (default: profile's)")
+    p.add_argument("--device", default=None, help="capacity: 'cpu' (default) or 'cuda'")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="capacity: 'bfloat16' runs the forward under autocast (float32 weights, as Trainer(bf16=True))")  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="capacity: runs in parallel processes, the cores shared "
-                   "out among them (default: one per core; on 2 cores 1.4x the runs per hour of one 2-thread process)")  # fmt: skip
+                   "out among them (default: one per core, 4 on a GPU; on 2 cores 1.4x the runs per hour of one 2-thread "
+                   "process)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     if args.profile == "capacity":
         capacity.main(args)
         return
+    if args.device or args.dtype:
+        p.error("--device and --dtype apply to --profile capacity only")
     unknown = set(args.contenders or []) - set(CONTENDERS) - {""} | set(args.variants) - set(VARIANTS)
     if unknown:
         p.error(f"not in the 'tasks' profile: {sorted(unknown)}")
