@@ -211,7 +211,8 @@ class LoramixConfig(PeftConfig):
 
     def adapter_format(self) -> int:
         """The oldest adapter format that holds this config exactly (what ``save_pretrained`` writes): 1 unless a
-        field needs loramix 0.2. Loramix 0.1 reads format 1 and refuses newer files on every loading path."""
+        field needs loramix 0.2. loramix 0.1 reads format 1 and refuses newer files on every PEFT and transformers
+        loading path (its vLLM plugin does not check the format)."""
         return 1 if self.router_lr_ratio == 1.0 else 2
 
     def to_saved_dict(self) -> dict[str, Any]:
