@@ -124,3 +124,25 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def run_process_group(command: list[str], cwd, env: dict, timeout: float) -> tuple[int | None, str, str]:
+    """Run ``command`` (a launcher and the ranks it starts) in its own process session: ``(exit code or None if it
+    timed out, stdout, stderr)``. On a timeout the whole session is killed, so no rank is left behind (a rank
+    orphaned by killing only the launcher waits in its collective for ever)."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            code = None
+        out.seek(0)
+        err.seek(0)
+        return code, out.read(), err.read()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from peft import PeftModel
 
 from tests.deprecations import IGNORE_UPSTREAM_DEPRECATIONS
-from tests.integration.helpers import METHOD_NAMES
+from tests.integration.helpers import METHOD_NAMES, run_process_group
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.filterwarnings(*IGNORE_UPSTREAM_DEPRECATIONS, "ignore::UserWarning")
@@ -39,11 +38,10 @@ def free_port() -> int:
 def launch(command: list[str], out: Path) -> str:
     """Run a 2-process job; returns its output for the failure messages of the tests that read it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
-    try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as err:
-        return f"timed out after {err.timeout} s"
-    return f"exit code {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    code, stdout, stderr = run_process_group(command, ROOT, env, timeout=240)  # a timeout leaves no rank behind
+    if code is None:
+        return f"timed out after 240 s\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return f"exit code {code}\n{stdout[-3000:]}\n{stderr[-6000:]}"
 
 
 def report(out: Path, log: str, method: str) -> dict:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.deprecations import IGNORE_UPSTREAM_DEPRECATIONS
-from tests.integration.helpers import METHOD_NAMES
+from tests.integration.helpers import METHOD_NAMES, run_process_group
 from tests.integration.test_distributed import free_port
 
 # The example scripts are imported under their own names: their deprecated calls are errors too.
@@ -80,16 +79,27 @@ def test_plot_routing_script(trained, examples, tmp_path):
 
 
 def test_accelerate_two_process_launch_of_the_training_script(tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2"]
-    command += ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"]
-    command += [str(EXAMPLES / "train.py"), "--model", "tiny", "--cpu", "--threads", "1", "--steps", "3"]
-    command += ["--batch-size", "4", "--max-examples", "32", "--no-plot", "--output-dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    # Twice at most: in 2 of 7 full-suite runs on 2 shared cores (2026-12-05) the two CPU ranks hung until the
+    # timeout (a rank left waiting in a futex), never in about a dozen runs of the test alone or of tests/integration; a hang on both tries fails,
+    # and every try's output is in the failure message.
+    tries = []
+    for _ in range(2):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2"]
+        command += ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+        command += [f"--main_process_port={free_port()}", str(EXAMPLES / "train.py"), "--model", "tiny", "--cpu"]
+        command += ["--threads", "1", "--steps", "3", "--batch-size", "4", "--max-examples", "32", "--no-plot"]
+        command += ["--output-dir", str(tmp_path)]
+        code, stdout, stderr = run_process_group(command, ROOT, env, timeout=240)
+        tries.append(
+            f"exit {code if code is not None else 'none: timed out after 240 s'}\n{stdout[-2000:]}\n{stderr[-5000:]}"
+        )
+        if code is not None:
+            break
     # Each rank ends its process group before exiting (examples/train.py: accelerator.end_training()): a group
     # left to interpreter shutdown can abort a rank after a successful run ("terminate called ...", exit -6).
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
-    assert "terminate called" not in result.stderr, result.stderr[-5000:]
+    assert code == 0, "\n---\n".join(tries)
+    assert "terminate called" not in stderr, stderr[-5000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"
     logs = [e for e in summary["logs"] if "loss" in e]
